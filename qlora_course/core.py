@@ -7,14 +7,14 @@ __all__ = ['REPORT_PACKAGES', 'pkg_version', 'env_report', 'env_markdown', 'huma
            'dtype_for_capability', 'default_dtype', 'current_rss', 'reset_peak_rss', 'peak_rss', 'MemoryMeter', 'Timer',
            'warmup_cosine', 'hf_loss', 'train_steps', 'smooth', 'plot_losses']
 
-# %% ../nbs/00_core.ipynb #4730804b
+# %% ../nbs/00_core.ipynb #725b00db
 import math, os, platform, random, re, resource, sys, time
 from importlib.metadata import version as _pkg_version, PackageNotFoundError
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-# %% ../nbs/00_core.ipynb #a168f4e2
+# %% ../nbs/00_core.ipynb #4587c416
 REPORT_PACKAGES = ('torch', 'transformers', 'peft', 'trl', 'bitsandbytes', 'accelerate', 'datasets', 'qlora_course')
 
 def pkg_version(name):
@@ -39,7 +39,7 @@ def env_markdown(d=None):
     d = d or env_report()
     return '| | |\n|---|---|\n' + '\n'.join(f'| {k} | {v} |' for k,v in d.items())
 
-# %% ../nbs/00_core.ipynb #cc00fcaa
+# %% ../nbs/00_core.ipynb #00059c03
 def human_bytes(n, digits=2):
     "Format a byte count with binary units: `human_bytes(3*2**30)` -> '3.00 GiB'"
     sign, n = ('-' if n < 0 else ''), abs(n)
@@ -47,7 +47,7 @@ def human_bytes(n, digits=2):
         if n < 1024 or unit == 'TiB': return f'{sign}{n:.0f} {unit}' if unit == 'B' else f'{sign}{n:.{digits}f} {unit}'
         n /= 1024
 
-# %% ../nbs/00_core.ipynb #2ec5a27b
+# %% ../nbs/00_core.ipynb #822ac8a0
 def set_seed(seed=42, deterministic=False):
     "Seed `random`, NumPy and torch (CPU and every GPU); optionally ask torch for deterministic kernels"
     random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
@@ -57,7 +57,7 @@ def set_seed(seed=42, deterministic=False):
         os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
     return seed
 
-# %% ../nbs/00_core.ipynb #2d424c13
+# %% ../nbs/00_core.ipynb #1b7fad3c
 def get_device(device=None):
     "`device` as a `torch.device`; by default the first GPU if there is one, else Apple's MPS, else the CPU"
     if device is not None: return torch.device(device)
@@ -76,7 +76,7 @@ def default_dtype(device=None):
     if device.type == 'mps': return torch.float16
     return torch.float32
 
-# %% ../nbs/00_core.ipynb #3bf9ab61
+# %% ../nbs/00_core.ipynb #91897c18
 def _status_kib(field):
     m = re.search(rf'^{field}:\s+(\d+) kB', open('/proc/self/status').read(), re.M)
     return int(m.group(1)) * 1024 if m else None
@@ -132,7 +132,7 @@ class MemoryMeter:
         note = '' if self.resettable else ' (peak since process start: this OS cannot reset it)'
         return f'peak RSS {human_bytes(self.peak)} (+{human_bytes(self.increase)} in block){note}'
 
-# %% ../nbs/00_core.ipynb #3f603dc8
+# %% ../nbs/00_core.ipynb #bbb94dff
 class Timer:
     "Context manager for wall-clock seconds of a block; synchronises CUDA on entry and exit"
     def __init__(self, device=None): self.device = get_device(device)
@@ -144,7 +144,7 @@ class Timer:
         self._sync(); self.elapsed = time.perf_counter() - self.start
     def __repr__(self): return f'{self.elapsed:.3f} s' if hasattr(self, 'elapsed') else 'Timer(not run yet)'
 
-# %% ../nbs/00_core.ipynb #f56b1f0b
+# %% ../nbs/00_core.ipynb #81f22c3b
 def warmup_cosine(step, total, warmup=0):
     "Learning-rate multiplier at `step`: linear warm-up over `warmup` steps, then cosine decay to 0 at `total`"
     if step < warmup: return (step + 1) / warmup
@@ -190,7 +190,7 @@ def train_steps(model, batches, steps, lr=1e-3, warmup=0, weight_decay=0.0, grad
     model.eval()
     return losses
 
-# %% ../nbs/00_core.ipynb #681d5152
+# %% ../nbs/00_core.ipynb #b4a8b591
 def smooth(xs, beta=0.9):
     "Bias-corrected exponential moving average of `xs` (as the loss curves in this course are drawn)"
     out, avg = [], 0.0
