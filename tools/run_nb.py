@@ -7,7 +7,11 @@ outputs they already have, unless the flag is named in --flags: on a GPU machine
 Progress bars are turned off (TQDM_DISABLE=1) so no bar ends up in a notebook. Each written notebook is
 then cleaned with nbdev_clean. Stops at the first failing cell and leaves that notebook unchanged.
 
-Usage: python tools/run_nb.py NOTEBOOK [NOTEBOOK ...] [--flags "cuda multigpu"]
+To bring back GPU outputs from a copy executed on a GPU machine (`tools/gpu_test.sh --execute`), pass
+`--outputs-from DIR`: the flagged cells of each notebook take their outputs from DIR/<same name>.ipynb
+(matched by cell id) before the rest is executed here. GPU cells should print the device they ran on.
+
+Usage: python tools/run_nb.py NOTEBOOK [NOTEBOOK ...] [--flags "cuda multigpu"] [--outputs-from DIR]
 """
 import argparse, os, re, sys
 from pathlib import Path
@@ -30,9 +34,23 @@ def cell_flags(source):
         flags.update(m.group(1).split())
     return flags
 
-def run_notebook(path, force=()):
+def copy_flagged_outputs(nb, other):
+    "Give `nb`'s flagged cells the outputs of the cells with the same id in notebook `other`"
+    flagged = set(get_config().tst_flags.split())
+    by_id = {c.get('id'): c for c in read_nb(other).cells}
+    n = 0
+    for c in nb.cells:
+        if c.cell_type == 'code' and cell_flags(c.source) & flagged and c.get('id') in by_id:
+            c.outputs = by_id[c['id']].get('outputs', []); n += 1
+    return n
+
+def run_notebook(path, force=(), outputs_from=None):
     skip = set(get_config().tst_flags.split()) - set(force)
     nb = read_nb(path)
+    if outputs_from:
+        other = Path(outputs_from) / Path(path).name
+        if not other.exists(): sys.exit(f'--outputs-from: {other} does not exist')
+        print(f'  {copy_flagged_outputs(nb, other)} flagged cells take their outputs from {other}')
     def preproc(cell):
         if cell.cell_type != 'code': return True
         if cell_flags(cell.source) & skip: return True
@@ -51,10 +69,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('notebooks', nargs='+', help='notebooks to execute in place')
     p.add_argument('--flags', default='', help='space-separated test flags whose cells should run too, e.g. "cuda multigpu"')
+    p.add_argument('--outputs-from', default=None, help='folder of GPU-executed copies whose flagged-cell outputs to keep')
     a = p.parse_args()
     for fn in a.notebooks:
         print(f'running {fn}', flush=True)
-        run_notebook(Path(fn).resolve(), a.flags.split())
+        run_notebook(Path(fn).resolve(), a.flags.split(), a.outputs_from)
     print('done')
 
 if __name__ == '__main__': main()
