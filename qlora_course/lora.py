@@ -4,16 +4,17 @@
 
 # %% auto #0
 __all__ = ['PEFT_PREFIX', 'lora_scaling', 'base_weight', 'LoRALinear', 'find_targets', 'lora_layers', 'add_lora', 'count_params',
-           'lora_state_dict', 'load_lora_state_dict', 'max_rel_err', 'peft_parity', 'lora_config', 'save_adapter',
-           'load_adapter', 'merge_and_unload']
+           'lora_state_dict', 'load_lora_state_dict', 'max_rel_err', 'peft_parity', 'four_bit_pair', 'lora_config',
+           'save_adapter', 'load_adapter', 'merge_and_unload']
 
-# %% ../nbs/05_lora.ipynb #f80244de
-import json, math, re
+# %% ../nbs/05_lora.ipynb #a3339f36
+import json, math, re, tempfile
 from pathlib import Path
 import torch
 from torch import nn
 from safetensors.torch import load_file, save_file
 from .core import set_seed
+from .models import load_model
 from .quant import NF4Linear, quantize_nf4
 
 # %% ../nbs/05_lora.ipynb #da5b192e
@@ -155,7 +156,7 @@ def count_params(model):
     total = sum(p.numel() for p in model.parameters() if id(p) not in skip) + sum(map(_logical_numel, quant))
     return sum(p.numel() for p in model.parameters() if p.requires_grad), total
 
-# %% ../nbs/05_lora.ipynb #8639f997
+# %% ../nbs/05_lora.ipynb #e78c214e
 PEFT_PREFIX = 'base_model.model.'  # PeftModel -> LoraModel -> the Hugging Face model
 
 def lora_state_dict(model):
@@ -197,7 +198,7 @@ def peft_parity(ours, theirs, target_modules='all-linear', r=4, lora_alpha=8, se
         for n, p in pm.named_parameters():
             if 'lora_magnitude_vector' in n: p.mul_(1 + 0.1 * torch.randn_like(p))
     add_lora(ours, target_modules, r=r, lora_alpha=lora_alpha, **kwargs)
-    load_lora_state_dict(ours, get_peft_model_state_dict(pm))
+    load_lora_state_dict(ours, get_peft_model_state_dict(pm, save_embedding_layers=False))
     ids = torch.randint(0, ours.config.vocab_size, (batch, seq))
     logits = []
     for m in (ours, pm):
@@ -210,6 +211,27 @@ def peft_parity(ours, theirs, target_modules='all-linear', r=4, lora_alpha=8, se
         raise AssertionError(f'different trainable tensors: ours {len(mine)}, PEFT {len(peft_params)}')
     grads = [max_rel_err(p.grad, peft_params[_peft_name(n)].grad) for n, p in mine.items()]
     return dict(logits=max_rel_err(*logits), grads=max(grads), tensors=len(mine))
+
+# %% ../nbs/05_lora.ipynb #03b69ff2
+def _swap_linear4bit(model):
+    "Replace every bitsandbytes Linear4bit of `model` by an NF4Linear holding the same bits, in place"
+    import bitsandbytes as bnb
+    for name, m in list(model.named_modules()):
+        if isinstance(m, bnb.nn.Linear4bit):
+            parent, _, child = name.rpartition('.')
+            setattr(model.get_submodule(parent), child, NF4Linear.from_bnb(m))
+    return model
+
+def four_bit_pair(model, compute_dtype=torch.float32):
+    "Two 4-bit copies of a (small) `model`, quantized by bitsandbytes: (ours over NF4Linear, PEFT's over Linear4bit)"
+    from transformers import BitsAndBytesConfig
+    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=compute_dtype)
+    device = next(model.parameters()).device
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        load = lambda: load_model(d, dtype=compute_dtype, quantization_config=cfg, device_map={'': device})
+        return _swap_linear4bit(load()), load()
 
 # %% ../nbs/05_lora.ipynb #f859e070
 def lora_config(model, base_model_name_or_path=None):
