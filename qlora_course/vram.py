@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['GiB', 'CATALOG', 'ALIASES', 'SUPPORTED', 'DTYPE_BYTES', 'METHODS', 'OPTIMIZERS', 'SHARDING', 'ATTN_PARTS', 'TERMS',
            'WORKSPACE', 'CUDA_CONTEXT', 'NCCL_BUFFERS', 'ALLOCATOR_SLACK', 'GPUS', 'get_config', 'Shape', 'shape_of',
-           'linears', 'param_counts', 'quant_bytes', 'bits_per_param', 'adapted', 'adapter_params', 'Setup',
-           'make_setup', 'attention_kernel', 'layer_activations', 'layer_backward_extra', 'dora_forward_temp',
+           'linears', 'count_params', 'param_counts', 'quant_bytes', 'bits_per_param', 'adapted', 'adapter_params',
+           'Setup', 'make_setup', 'attention_kernel', 'layer_activations', 'layer_backward_extra', 'dora_forward_temp',
            'Estimate', 'estimate', 'MemoryTracker', 'cuda_kernel_choice', 'model_bytes', 'prepare_run',
            'make_optimizer', 'measure', 'gpu_bytes', 'Fit', 'fits', 'max_batch', 'plot_breakdown', 'plot_vs_seq',
            'calculator']
@@ -67,7 +67,7 @@ def get_config(model):
     if hasattr(model, 'config'): return model.config.get_text_config()
     raise TypeError(f'cannot read a config from {type(model).__name__}: pass a catalog name, a dict, a config or a model')
 
-# %% ../nbs/03_vram.ipynb #6e388b55
+# %% ../nbs/03_vram.ipynb #a7e2bdde
 @dataclass(frozen=True)
 class Shape:
     "The sizes of a decoder-only transformer that its training memory depends on"
@@ -118,8 +118,25 @@ def linears(s: Shape):
     mlp.append(('down_proj', s.ff, s.d, s.mlp_bias))
     return attn + mlp
 
+def count_params(model):
+    "Parameters of a real model (or of any config, built on the meta device) by component, read from module names"
+    if not isinstance(model, torch.nn.Module):
+        from transformers import AutoModelForCausalLM
+        with torch.device('meta'): model = AutoModelForCausalLM.from_config(get_config(model))
+    c = OrderedDict(embeddings=0, attention=0, mlp=0, norms=0, lm_head=0, other=0)
+    for name, p in model.named_parameters():   # a tied lm_head is the embeddings' parameter, listed once
+        key = ('embeddings' if 'embed_tokens' in name else 'lm_head' if 'lm_head' in name else
+               'norms' if 'norm' in name and 'self_attn' not in name else 'attention' if 'self_attn' in name else
+               'mlp' if '.mlp.' in name else 'other')
+        c[key] += p.numel()
+    if not c['other']: del c['other']
+    c['total'] = sum(c.values())
+    return c
+
 def param_counts(model):
     "Parameters per component: embeddings, attention, MLP, norms, lm_head (0 when tied), and the total"
+    if not isinstance(model, Shape) and get_config(model).model_type not in SUPPORTED:
+        return count_params(model)                 # an architecture the formula does not know: count a meta model
     s = shape_of(model)
     lin = lambda names: sum(i * o + (o if b else 0) for n, i, o, b in linears(s) if n in names)
     attn = lin({'q_proj', 'k_proj', 'v_proj', 'qkv_proj', 'o_proj'}) + (2 * s.head_dim if s.qk_norm else 0)
