@@ -11,8 +11,8 @@ __all__ = ['GiB', 'CATALOG', 'ALIASES', 'SUPPORTED', 'DTYPE_BYTES', 'METHODS', '
            'make_optimizer', 'measure', 'gpu_bytes', 'Fit', 'fits', 'max_batch', 'plot_breakdown', 'plot_vs_seq',
            'calculator']
 
-# %% ../nbs/03_vram.ipynb #a222882f
-import contextlib, math, os, re, tempfile, time, warnings, weakref
+# %% ../nbs/03_vram.ipynb #fd16a6f7
+import contextlib, gc, math, os, re, tempfile, time, warnings, weakref
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 import torch
@@ -470,7 +470,7 @@ def cuda_kernel_choice():
     try: yield
     finally: F.scaled_dot_product_attention = orig
 
-# %% ../nbs/03_vram.ipynb #f9f8a97e
+# %% ../nbs/03_vram.ipynb #9898a820
 def model_bytes(model, buffers=True):
     "Bytes of a model's parameters, bitsandbytes quantization statistics and buffers (each storage once)"
     seen, total = set(), 0
@@ -536,6 +536,7 @@ def measure(model, batch=1, seq=2048, steps=3, lr=1e-5, optimizer='adamw', track
     cfg = getattr(model, 'module', model).config                         # DDP keeps the model in `.module`
     x = torch.randint(0, cfg.get_text_config().vocab_size, (batch, seq), device=dev)
     model.train()
+    gc.collect()      # an earlier 4-bit model can linger: bitsandbytes' Params4bit sits in a reference cycle
     if gpu: torch.cuda.synchronize(); torch.cuda.empty_cache(); static = torch.cuda.memory_allocated()
     else: static = model_bytes(model)
     tracker = MemoryTracker(ignore=list(model.parameters()) + list(model.buffers()) + [x], snapshot=track)
