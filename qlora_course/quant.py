@@ -7,12 +7,13 @@ __all__ = ['BLOCKSIZES', 'FLOAT_DTYPES', 'ROUNDINGS', 'NF4_CODE', 'FP4_CODE', 'D
            'test_bits', 'rel_error', 'absmax_quantize', 'absmax_dequantize', 'zeropoint_quantize',
            'zeropoint_dequantize', 'int_code', 'blocks_of', 'nearest_code', 'quantize_blockwise',
            'dequantize_blockwise', 'nf4_code', 'fp4_code', 'pack_4bit', 'unpack_4bit', 'dynamic_code', 'lut_code',
-           'NF4Stats', 'double_quantize', 'quantize_4bit', 'dequantize_4bit', 'quantize_nf4', 'dequantize_nf4',
+           'NF4Stats', 'double_quantize', 'cpu_flags', 'bnb_cpu_kernel', 'bnb_flushes_subnormals', 'quantize_4bit',
+           'dequantize_4bit', 'quantize_nf4', 'dequantize_nf4', 'bnb_misindexes', 'bnb_avx512_dequantize',
            'compare_with_bnb', 'bits_per_param', 'NF4Linear', 'saved_for_backward', 'cuda_reciprocal',
            'flush_denormals', 'f32_from_decimal', 'nf4_cuda_bounds', 'benchmark_nf4', 'benchmark_markdown']
 
-# %% ../nbs/04_quant.ipynb #b52f50d4
-import math, time, warnings
+# %% ../nbs/04_quant.ipynb #97e474f5
+import copy, math, time, warnings
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
@@ -65,7 +66,7 @@ def zeropoint_dequantize(q, scale, zero_point):
     "Inverse of `zeropoint_quantize`"
     return (q.float() - zero_point) * scale
 
-# %% ../nbs/04_quant.ipynb #c24d005e
+# %% ../nbs/04_quant.ipynb #852d66b4
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)   # what bitsandbytes accepts for 4-bit
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -90,13 +91,17 @@ def nearest_code(scaled, code, ties='lower'):
 
 ROUNDINGS = ('nearest', 'even', 'lut')
 
-def quantize_blockwise(x, code, blocksize, rounding='nearest', zero_code=None, bounds=None):
+def quantize_blockwise(x, code, blocksize, rounding='nearest', zero_code=None, bounds=None, divide_tail=False):
     "Scale each block of `x` by 1/absmax and pick the nearest `code` value (or the bucket between sorted `bounds`): (int64 indices of length x.numel(), fp32 absmax per block)"
     if rounding not in ROUNDINGS: raise ValueError(f'rounding must be one of {ROUNDINGS}, got {rounding!r}')
     b = blocks_of(x, blocksize)
     if b.is_cuda: b = flush_denormals(b)                     # CUDA: as bitsandbytes' kernels compute (section 'On a GPU')
     absmax = b.abs().amax(1)
-    scaled = b * (cuda_reciprocal(absmax) if b.is_cuda else 1.0 / absmax.clamp(min=1e-38))[:, None]
+    recip = cuda_reciprocal(absmax) if b.is_cuda else 1.0 / (absmax if rounding == 'lut' else absmax.clamp(min=1e-38))  # bitsandbytes' CPU 8-bit kernel does not clamp
+    scaled = b * recip[:, None]
+    if divide_tail and x.numel() % blocksize:               # a partial last block divided by its absmax, clamped to 1e-38 (bitsandbytes' CPU 4-bit quantizer)
+        absmax[-1] = absmax[-1].clamp(min=1e-38)
+        scaled[-1] = b[-1] / absmax[-1]
     if rounding == 'lut': idx = lut_code(scaled)
     elif bounds is not None: idx = torch.bucketize(scaled, bounds)
     else: idx = nearest_code(scaled, code, 'even' if rounding == 'even' else 'lower')
@@ -155,7 +160,7 @@ def dynamic_code():
 
 DYNAMIC_CODE = dynamic_code()
 
-# %% ../nbs/04_quant.ipynb #103957b8
+# %% ../nbs/04_quant.ipynb #d2d4916b
 _LUT_SIZE = 65536
 
 @lru_cache(None)
@@ -166,7 +171,7 @@ def _lut(device):
 
 def lut_code(scaled):
     "The dynamic-map code of each value in [-1, 1] as bitsandbytes' CPU kernel picks it: through the 65,536-entry table"
-    i = ((scaled.clamp(-1, 1) + 1.0) * 0.5 * (_LUT_SIZE - 1) + 0.5).int()
+    i = ((scaled.clamp(-1, 1) + 1.0) * 0.5 * (_LUT_SIZE - 1) + 0.5).nan_to_num(0.0).int()   # NaN (0 × 1/0): point 0, as the kernel's conversion gives
     return _lut(scaled.device)[i.long()]
 
 # %% ../nbs/04_quant.ipynb #bf0ba1ec
@@ -203,12 +208,40 @@ def double_quantize(absmax, blocksize2=256, rounding=None):
     q, absmax2 = quantize_blockwise(absmax - offset, _code('dynamic', absmax.device), blocksize2, rounding, zero_code=0)
     return q.to(torch.uint8), absmax2, offset
 
-# %% ../nbs/04_quant.ipynb #89fee9f8
+# %% ../nbs/04_quant.ipynb #ac4145d4
+@lru_cache(None)
+def cpu_flags():
+    "The CPU's feature flags as Linux lists them in /proc/cpuinfo ('avx512f', 'avx512_bf16', ...); elsewhere {'avx512f'} where PyTorch reports AVX-512"
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('flags'): return frozenset(line.split(':', 1)[1].split())
+    except OSError: pass
+    return frozenset({'avx512f'} if torch.backends.cpu.get_cpu_capability() == 'AVX512' else ())
+
+def bnb_cpu_kernel(shape, blocksize, flags=None):
+    "Which kernel bitsandbytes 0.50's CPU `dequantize_4bit` runs for a tensor of `shape`: 'torch' (its PyTorch fallback), 'avx512' or 'scalar'; `flags`: a CPU's features (default: this one's)"
+    avx512 = 'avx512f' in (cpu_flags() if flags is None else flags)
+    torch_avx512 = torch.backends.cpu.get_cpu_capability() == 'AVX512' if flags is None else avx512   # what its Python side checks
+    n = tuple(shape)[-1]
+    if n % 2 or (torch_avx512 and blocksize >= 2048): return 'torch'
+    return 'avx512' if avx512 and n % 16 == 0 and blocksize >= 16 else 'scalar'
+
+def bnb_flushes_subnormals(shape, blocksize, dtype, flags=None):
+    "Whether that kernel casts float32 subnormals to signed zeros: bf16 output from the AVX-512 kernel on a CPU with AVX512-BF16"
+    return dtype == torch.bfloat16 and bnb_cpu_kernel(shape, blocksize, flags) == 'avx512' and 'avx512_bf16' in (cpu_flags() if flags is None else flags)
+
+def _cast(v, dtype, flush: bool):
+    "fp32 `v` rounded to `dtype`; with `flush`, subnormals become zeros of their sign first (as VCVTNEPS2BF16 does)"
+    if flush: v = torch.where(v.abs() < torch.finfo(torch.float32).tiny, torch.copysign(torch.zeros_like(v), v), v)
+    return v.to(dtype)
+
+# %% ../nbs/04_quant.ipynb #eeeefa6b
 def quantize_4bit(w, code, blocksize=64, double_quant=True, bounds=None):
     "Blockwise 4-bit quantization of `w` with the 16-value `code` (`bounds`: thresholds between its sorted values, default their midpoints): (packed uint8 bytes, NF4Stats)"
     _check_input(w, blocksize)
     order = torch.argsort(code, stable=True)                 # NF4 is sorted already, FP4 is not
-    idx, absmax = quantize_blockwise(w, code[order], blocksize, bounds=bounds)
+    idx, absmax = quantize_blockwise(w, code[order], blocksize, bounds=bounds, divide_tail=w.device.type == 'cpu')
     idx = order[idx]
     if idx.numel() % 2: idx = torch.cat([idx, order[nearest_code(idx.new_zeros(1).float(), code[order])]])
     if w.device.type != 'cpu':                               # all-zero blocks (padding included): code 0, as the CUDA kernel stores
@@ -224,10 +257,10 @@ def _pairs(code_key, device):
     b = torch.arange(256)
     return torch.stack([code[b >> 4], code[b & 15]], 1).to(device)   # (256, 2): the two values of each byte
 
-def _decode(packed, absmax, pairs, blocksize: int, n: int, dtype: torch.dtype):
+def _decode(packed, absmax, pairs, blocksize: int, n: int, dtype: torch.dtype, flush: bool):
     vals = pairs[packed.int()].view(-1)                                  # fp32, two per byte
     if vals.numel() != absmax.numel() * blocksize: vals = F.pad(vals[:n], (0, absmax.numel() * blocksize - n))
-    return (vals.view(-1, blocksize) * absmax[:, None]).view(-1)[:n].to(dtype)
+    return _cast((vals.view(-1, blocksize) * absmax[:, None]).view(-1)[:n], dtype, flush)
 
 _decode_compiled = None
 def _decoder(compiled):
@@ -245,8 +278,9 @@ def dequantize_4bit(packed, stats, shape, dtype=torch.float32, code=None, compil
         raise ValueError(f'shape {shape} needs {(n + 1) // 2} packed bytes and {-(-n // stats.blocksize)} blocks of {stats.blocksize}, '
                          f'got {packed.numel()} bytes and {stats.absmax.numel()} blocks: pass the shape that was quantized')
     code = NF4_CODE if code is None else code
+    flush = packed.device.type == 'cpu' and bnb_flushes_subnormals(shape, stats.blocksize, dtype)   # as bitsandbytes' kernel on this CPU
     return _decoder(compiled)(packed, stats.absmax_fp32(), _pairs(tuple(code.tolist()), packed.device),
-                              stats.blocksize, n, dtype).view(shape)
+                              stats.blocksize, n, dtype, flush).view(shape)
 
 def quantize_nf4(w, blocksize=64, double_quant=True):
     "NF4 quantization of `w`, bit-exact with `bitsandbytes.functional.quantize_4bit(w, blocksize, compress_statistics=double_quant, quant_type='nf4')`"
@@ -256,7 +290,24 @@ def dequantize_nf4(packed, stats, shape, dtype=torch.float32, compiled=False):
     "Inverse of `quantize_nf4`: a dense tensor of `shape` in `dtype`"
     return dequantize_4bit(packed, stats, shape, dtype, compiled=compiled)
 
-# %% ../nbs/04_quant.ipynb #d56f01b5
+# %% ../nbs/04_quant.ipynb #0afd0ce5
+def bnb_misindexes(shape, blocksize, flags=None):
+    "Whether bitsandbytes 0.50's CPU `dequantize_4bit` reads wrong scales for `shape`: its AVX-512 kernel, several rows, rows not made of whole blocks"
+    shape = tuple(shape)
+    return bnb_cpu_kernel(shape, blocksize, flags) == 'avx512' and math.prod(shape[:-1]) > 1 and shape[-1] % blocksize != 0
+
+def bnb_avx512_dequantize(packed, stats, shape, dtype=torch.float32, code=None):
+    "What bitsandbytes 0.50's AVX-512 CPU kernel returns: element (r, c) of the (rows, shape[-1]) view times absmax[r·(shape[-1] // blocksize) + c // blocksize]"
+    shape, bs = tuple(shape), stats.blocksize
+    n = shape[-1]
+    if n % 16: raise ValueError(f'that kernel only takes a last dimension that is a multiple of 16, got shape {shape}')
+    code = NF4_CODE if code is None else code
+    vals = _pairs(tuple(code.tolist()), packed.device)[packed.reshape(-1).view(torch.uint8).int()].view(-1, n)
+    r, c = torch.arange(vals.shape[0], device=vals.device)[:, None], torch.arange(n, device=vals.device)
+    flush = dtype == torch.bfloat16 and 'avx512_bf16' in cpu_flags()
+    return _cast(vals * stats.absmax_fp32()[r * (n // bs) + c // bs], dtype, flush).view(shape)
+
+# %% ../nbs/04_quant.ipynb #965ad83c
 def compare_with_bnb(x, blocksize=64, double_quant=True):
     "Quantize `x` here and with bitsandbytes (on x's device); which outputs are bit-identical"
     import bitsandbytes.functional as BF
@@ -265,7 +316,12 @@ def compare_with_bnb(x, blocksize=64, double_quant=True):
     res = {'packed': same_bits(mp, p.view(-1)), 'absmax': same_bits(ms.absmax, qs.absmax)}
     if not res['packed']: res['codes_differ'] = int((unpack_4bit(mp, x.numel()) != unpack_4bit(p.view(-1), x.numel())).sum())
     if double_quant: res.update(absmax2=same_bits(ms.absmax2, qs.state2.absmax), offset=same_bits(ms.offset, qs.offset))
-    res['dequantized'] = same_bits(dequantize_nf4(mp, ms, x.shape, x.dtype), BF.dequantize_4bit(p, qs))
+    theirs = BF.dequantize_4bit(p, qs).view(x.shape)          # its CPU kernels return a 1-D tensor as (1, n)
+    if x.device.type == 'cpu' and bnb_misindexes(x.shape, blocksize):
+        res['bnb_as_modelled'] = same_bits(bnb_avx512_dequantize(mp, ms, x.shape, x.dtype), theirs)
+        one_row = copy.copy(qs); one_row.shape = torch.Size([x.numel()])
+        theirs = BF.dequantize_4bit(p, one_row).view(x.shape)
+    res['dequantized'] = same_bits(dequantize_nf4(mp, ms, x.shape, x.dtype), theirs)
     return res
 
 # %% ../nbs/04_quant.ipynb #cb75339a
