@@ -9,8 +9,8 @@ stdout, all of them in $OUT/diag_quant_cpu.txt when OUT is set.
 bitsandbytes 0.50.2 dequantizes on the CPU with a PyTorch fallback (odd last dimension; block size >= 2048 where
 PyTorch reports AVX-512), an AVX-512 C++ kernel (cpuid AVX-512F, last dimension a multiple of 16, block size >= 16) or
 a scalar C++ kernel. For each case this prints which one runs and compares bitsandbytes' result with: ours; its own
-dequantization of the same bytes as one row (shape (numel,)); `bnb_avx512_dequantize` (our model of the AVX-512
-kernel's row-wise scale indexing); and its PyTorch fallback. Then a 1-thread rerun (OMP_NUM_THREADS=1, subprocess),
+dequantization of the same bytes as one row (shape (numel,)); `bnb_avx512_dequantize` (a hypothesis for the AVX-512
+kernel's row-wise scale indexing, defined here; on the 2026-11-23 host it did not reproduce bitsandbytes); and its PyTorch fallback. Then a 1-thread rerun (OMP_NUM_THREADS=1, subprocess),
 a repeat of each bitsandbytes call, the 8-bit CPU table, and Linear4bit vs NF4Linear (train, eval/no-grad).
 
 Needs only torch, numpy, bitsandbytes and the repo on PYTHONPATH. Always exits 0; the last line reads
@@ -22,8 +22,17 @@ import torch
 logging.getLogger('torch._dynamo').setLevel(logging.ERROR)        # bitsandbytes' compiled fallback recompiles per shape
 import bitsandbytes as bnb, bitsandbytes.functional as BF
 from qlora_course.quant import (FLOAT_DTYPES, NF4_CODE, DYNAMIC_CODE, same_bits, unpack_4bit, quantize_nf4, dequantize_nf4,
-                                compare_with_bnb, lut_code, cpu_flags, bnb_cpu_kernel, bnb_misindexes, bnb_flushes_subnormals,
-                                bnb_avx512_dequantize)
+                                compare_with_bnb, lut_code, cpu_flags, bnb_cpu_kernel, bnb_misindexes, bnb_flushes_subnormals, _pairs, _cast)
+
+def bnb_avx512_dequantize(packed, stats, shape, dtype=torch.float32, code=None):
+    "Hypothesis: the AVX-512 kernel scales element (r, c) of the (rows, n) view by absmax[r*(n // blocksize) + c // blocksize]"
+    shape, bs = tuple(shape), stats.blocksize
+    n = shape[-1]
+    code = NF4_CODE if code is None else code
+    vals = _pairs(tuple(code.tolist()), packed.device)[packed.reshape(-1).view(torch.uint8).int()].view(-1, n)
+    r, c = torch.arange(vals.shape[0], device=vals.device)[:, None], torch.arange(n, device=vals.device)
+    flush = dtype == torch.bfloat16 and 'avx512_bf16' in cpu_flags()
+    return _cast(vals * stats.absmax_fp32()[r * (n // bs) + c // bs], dtype, flush).view(shape)
 
 def hx(t):
     "Bit pattern of a float tensor element as hex"
