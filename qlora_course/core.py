@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-# %% ../nbs/00_core.ipynb #4587c416
+# %% ../nbs/00_core.ipynb #f07a5926
 REPORT_PACKAGES = ('torch', 'transformers', 'peft', 'trl', 'bitsandbytes', 'accelerate', 'datasets', 'qlora_course')
 
 def pkg_version(name):
@@ -26,6 +26,7 @@ def env_report(packages=REPORT_PACKAGES):
     "Python, package versions and the accelerator, as an ordered dict"
     d = {'python': platform.python_version(), 'platform': platform.platform(terse=True)}
     d.update({p: pkg_version(p) or 'not installed' for p in packages})
+    if 'torch' in d: d['torch'] = torch.__version__   # with its build tag (+cu130, +cpu), which the metadata may lack
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         d['cuda'] = torch.version.cuda
@@ -144,7 +145,7 @@ class Timer:
         self._sync(); self.elapsed = time.perf_counter() - self.start
     def __repr__(self): return f'{self.elapsed:.3f} s' if hasattr(self, 'elapsed') else 'Timer(not run yet)'
 
-# %% ../nbs/00_core.ipynb #81f22c3b
+# %% ../nbs/00_core.ipynb #5e30eed3
 def warmup_cosine(step, total, warmup=0):
     "Learning-rate multiplier at `step`: linear warm-up over `warmup` steps, then cosine decay to 0 at `total`"
     if step < warmup: return (step + 1) / warmup
@@ -178,7 +179,7 @@ def train_steps(model, batches, steps, lr=1e-3, warmup=0, weight_decay=0.0, grad
     device = next(model.parameters()).device
     model.train()
     losses, it = [], _batches(batches)
-    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+    bar = tqdm(range(steps), desc=desc, leave=False, **({} if progress else {'disable': True}))  # TQDM_DISABLE=1 still applies
     for step in bar:
         loss = loss_fn(model, _to(next(it), device))
         if not torch.isfinite(loss): raise FloatingPointError(f'loss is {loss.item()} at step {step}: lower lr or check the data')
