@@ -208,7 +208,7 @@ def double_quantize(absmax, blocksize2=256, rounding=None):
     q, absmax2 = quantize_blockwise(absmax - offset, _code('dynamic', absmax.device), blocksize2, rounding, zero_code=0)
     return q.to(torch.uint8), absmax2, offset
 
-# %% ../nbs/04_quant.ipynb #ac4145d4
+# %% ../nbs/04_quant.ipynb #c1b75be2
 @lru_cache(None)
 def cpu_flags():
     "The CPU's feature flags as Linux lists them in /proc/cpuinfo ('avx512f', 'avx512_bf16', ...); elsewhere {'avx512f'} where PyTorch reports AVX-512"
@@ -228,8 +228,13 @@ def bnb_cpu_kernel(shape, blocksize, flags=None):
     return 'avx512' if avx512 and n % 16 == 0 and blocksize >= 16 else 'scalar'
 
 def bnb_flushes_subnormals(shape, blocksize, dtype, flags=None):
-    "Whether that kernel casts float32 subnormals to signed zeros: bf16 output from the AVX-512 kernel on a CPU with AVX512-BF16"
-    return dtype == torch.bfloat16 and bnb_cpu_kernel(shape, blocksize, flags) == 'avx512' and 'avx512_bf16' in (cpu_flags() if flags is None else flags)
+    "Whether that kernel casts float32 subnormals to signed zeros: bf16 output from the AVX-512 kernel where bitsandbytes itself uses AVX512-BF16"
+    if dtype != torch.bfloat16 or bnb_cpu_kernel(shape, blocksize, flags) != 'avx512': return False
+    if flags is not None: return 'avx512_bf16' in flags
+    try:   # bitsandbytes' own detection decides, not /proc/cpuinfo: on the 2026-11-23 host the CPU listed avx512_bf16,
+        from bitsandbytes.functional import has_avx512bf16   # bitsandbytes reported False, and its output kept subnormals
+        return bool(has_avx512bf16())
+    except Exception: return False
 
 def _cast(v, dtype, flush: bool):
     "fp32 `v` rounded to `dtype`; with `flush`, subnormals become zeros of their sign first (as VCVTNEPS2BF16 does)"
