@@ -44,6 +44,14 @@ def copy_flagged_outputs(nb, other):
             c.outputs = by_id[c['id']].get('outputs', []); n += 1
     return n
 
+class Shell(CaptureShell):
+    "execnb's shell, except that a cell ending in `;` keeps its printed output, as it does in Jupyter"
+    def _run(self, raw_cell, *args, **kwargs):
+        # execnb drops the stdout of a cell whose source ends with ';' (Jupyter drops only the last value's display).
+        # With a `pass` after it, the last line's value is still not displayed, and what the cell printed stays.
+        if raw_cell.rstrip().endswith(';'): raw_cell = raw_cell + '\npass'
+        return super()._run(raw_cell, *args, **kwargs)
+
 def run_notebook(path, force=(), outputs_from=None):
     skip = set(get_config().tst_flags.split()) - set(force)
     nb = read_nb(path)
@@ -56,7 +64,7 @@ def run_notebook(path, force=(), outputs_from=None):
         if cell_flags(cell.source) & skip: return True
         cell.outputs = []
         return False
-    shell = CaptureShell(path)
+    shell = Shell(path)
     old = os.getcwd()
     try:
         os.chdir(Path(path).parent)
