@@ -5,18 +5,20 @@
 # %% auto #0
 __all__ = ['TINY_ARCHS', 'TINY_SIZES', 'CAPITALS', 'ANIMALS', 'COLORS', 'OPPOSITES', 'WORDS', 'QUESTIONS', 'SPECIAL_TOKENS',
            'SPLIT_PATTERN', 'CHAT_TEMPLATE', 'TOKENIZER_EXTRA_TEXT', 'TINY_BASE_ARCH', 'TINY_BASE_RECIPE',
-           'tiny_config', 'tiny_model', 'decoder_layer_class', 'ModelNotFound', 'load_model', 'load_tokenizer',
-           'world_facts', 'fact_questions', 'pretrain_corpus', 'train_course_tokenizer', 'tiny_base_dir',
-           'course_tokenizer', 'pretrain_rows', 'pretrain_batches', 'pretrain_tiny_base', 'save_tiny_base',
-           'tiny_base_log', 'tiny_base', 'complete', 'probe_facts']
+           'tiny_config', 'tiny_model', 'decoder_layer_class', 'ModelNotFound', 'hub_unreachable', 'load_model',
+           'load_tokenizer', 'world_facts', 'fact_questions', 'pretrain_corpus', 'train_course_tokenizer',
+           'tiny_base_dir', 'course_tokenizer', 'pretrain_rows', 'pretrain_batches', 'pretrain_tiny_base',
+           'save_tiny_base', 'tiny_base_log', 'tiny_base', 'complete', 'probe_facts']
 
-# %% ../nbs/01_models.ipynb #ba65157b
+# %% ../nbs/01_models.ipynb #65cf0500
 import json, os, random
 from collections import Counter
 from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.utils import get_session
 from .core import set_seed, human_bytes, train_steps
 
 # %% ../nbs/01_models.ipynb #8c2dbb50
@@ -73,7 +75,7 @@ def decoder_layer_class(model):
     if repeated is None: raise ValueError(f'no repeated layer found in {type(model).__name__}: it has no nn.ModuleList of one class')
     return repeated
 
-# %% ../nbs/01_models.ipynb #ce886cf8
+# %% ../nbs/01_models.ipynb #4bad267d
 class ModelNotFound(OSError):
     "A model or tokenizer that is neither a local folder nor loadable from the Hugging Face Hub"
 
@@ -81,17 +83,20 @@ def _looks_local(name):
     s = str(name)
     return s.startswith(('.', '/', '~')) or s.count('/') > 1 or os.sep != '/' and os.sep in s
 
-def _not_found(name, what, err=None):
+def _not_found(name, what, err=None, unreachable=None):
     p = Path(str(name)).expanduser()
-    offline = os.environ.get('HF_HUB_OFFLINE', '0') not in ('', '0', 'false', 'False')
+    offline = hf_constants.HF_HUB_OFFLINE
     missing = 'config.json' if what == 'model' else 'tokenizer files (tokenizer.json, tokenizer_config.json)'
     tried = [f'a local folder {str(p.resolve())!r}: ' + (f'exists but has no {missing}' if p.is_dir() else 'does not exist')]
     if not _looks_local(name):
-        tried.append(f'the Hugging Face Hub repo {str(name)!r}: ' + ('skipped, HF_HUB_OFFLINE=1 is set and it is not in the local cache' if offline
-                     else f'failed ({type(err).__name__}: {str(err).splitlines()[0][:200] if err else "?"})'))
+        hub = ('skipped, HF_HUB_OFFLINE=1 is set and it is not in the local cache' if offline
+               else f'not in the local cache, and the Hub at {hf_constants.ENDPOINT} could not be reached ({unreachable})' if unreachable
+               else f'failed ({type(err).__name__}: {str(err).splitlines()[0][:200] if err else "?"})')
+        tried.append(f'the Hugging Face Hub repo {str(name)!r}: ' + hub)
     todo = ['pass a folder written by `save_pretrained` (it holds config.json and the weights)',
             "use `tiny:<arch>` (one of " + ', '.join(TINY_ARCHS) + ") or `tiny:base` for the course's offline models"]
     if offline: todo.append('or, with a network, unset HF_HUB_OFFLINE (or download once with `hf download NAME`) and retry')
+    elif unreachable: todo.append('or connect to a network (or set HF_ENDPOINT to a mirror you can reach) and retry')
     else: todo.append('or check the spelling on https://huggingface.co/models, log in (`hf auth login`) for gated models, or check the network')
     return ModelNotFound(f'could not load {what} {str(name)!r}. Tried ' + '; '.join(tried) + '. To fix: ' + '; '.join(todo) + '.')
 
@@ -108,6 +113,26 @@ def _hub_lookup_failed(src, err):
     "Whether `err` from `from_pretrained(src)` means the hub name could not be found or reached"
     return not Path(src).is_dir() and (isinstance(err, OSError) or 'not a local folder' in str(err) or 'valid model identifier' in str(err))
 
+def hub_unreachable(timeout=5):
+    "None if the Hugging Face Hub answers one quick request; otherwise why it did not"
+    try: get_session().head(hf_constants.ENDPOINT, timeout=timeout)
+    except Exception as e: return f'{type(e).__name__}: {str(e)[:120]}'  # the hub client's own connection errors; any answer at all is reachable
+
+def _from_pretrained(cls, name, src, what, **kwargs):
+    "`cls.from_pretrained(src)`, from the local cache alone when the Hub cannot be reached; `ModelNotFound` when it is not found"
+    unreachable = None
+    if not Path(src).is_dir() and not hf_constants.HF_HUB_OFFLINE and not kwargs.get('local_files_only'):
+        unreachable = hub_unreachable()
+        if unreachable:  # no network: use the cache, without the hub client's minute of retries; the adapter lookup needs telling too
+            kwargs = dict(kwargs, local_files_only=True)
+            if what == 'model':
+                kwargs['adapter_kwargs'] = dict(kwargs.get('adapter_kwargs') or {}, local_files_only=True)
+                if 'cache_dir' in kwargs: kwargs['adapter_kwargs'].setdefault('cache_dir', kwargs['cache_dir'])
+    try: return cls.from_pretrained(src, **kwargs)
+    except (OSError, ValueError) as e:
+        if not _hub_lookup_failed(src, e): raise  # a local folder, or a real error in a model that was found
+        raise _not_found(name, what, e, unreachable) from e
+
 def load_model(name_or_path, dtype=None, device_map=None, **kwargs):
     "Causal LM from a local folder, a hub name, `tiny:<arch>` or `tiny:base`; clear error when it cannot be found"
     if dtype is None: dtype = 'auto' if torch.cuda.is_available() else torch.float32
@@ -115,20 +140,13 @@ def load_model(name_or_path, dtype=None, device_map=None, **kwargs):
     if s == 'tiny:base': name_or_path = tiny_base_dir()
     elif s.startswith('tiny:'): return tiny_model(s[5:], dtype=torch.float32 if dtype == 'auto' else dtype, **kwargs)
     src = _resolve(name_or_path, 'model', ['config.json'])
-    try: model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, device_map=device_map, **kwargs)
-    except (OSError, ValueError) as e:
-        if not _hub_lookup_failed(src, e): raise  # a local folder, or a real error in a model that was found
-        raise _not_found(name_or_path, 'model', e) from e
-    return model.eval()
+    return _from_pretrained(AutoModelForCausalLM, name_or_path, src, 'model', dtype=dtype, device_map=device_map, **kwargs).eval()
 
 def load_tokenizer(name_or_path, **kwargs):
     "Tokenizer from a local folder, a hub name or `tiny:...` (the course tokenizer); clear error when it cannot be found"
     if str(name_or_path).startswith('tiny:'): return course_tokenizer()
     src = _resolve(name_or_path, 'tokenizer', ['tokenizer.json', 'tokenizer_config.json', 'tokenizer.model', 'vocab.json'])
-    try: return AutoTokenizer.from_pretrained(src, **kwargs)
-    except (OSError, ValueError) as e:
-        if not _hub_lookup_failed(src, e): raise
-        raise _not_found(name_or_path, 'tokenizer', e) from e
+    return _from_pretrained(AutoTokenizer, name_or_path, src, 'tokenizer', **kwargs)
 
 # %% ../nbs/01_models.ipynb #4a565667
 CAPITALS = (('France', 'Paris'), ('Japan', 'Tokyo'), ('Italy', 'Rome'), ('Spain', 'Madrid'), ('Germany', 'Berlin'),
