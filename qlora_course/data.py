@@ -6,7 +6,7 @@
 __all__ = ['BUILTIN_DATASETS', 'TEST_FRACTION', 'SYSTEM_PROMPT', 'FORMATS', 'SHAREGPT_ROLES', 'fact_split', 'builtin_dataset',
            'BadRecord', 'detect_format', 'to_messages', 'shared_data_dir', 'read_instructions', 'shared_data_file',
            'has_generation_markers', 'assistant_mask', 'tokenize_chat', 'tokenize_chats', 'show_trained', 'pad_collate',
-           'pack', 'packing_efficiency', 'answer_accuracy']
+           'pack', 'packing_efficiency', 'answer_accuracy', 'random_batches']
 
 # %% ../nbs/02_data.ipynb #88467de4
 import hashlib, json, os, random, warnings
@@ -283,3 +283,10 @@ def answer_accuracy(model, tokenizer, records, max_new_tokens=24, batch_size=32)
                 outs.append(text); hits += text.startswith(r['messages'][-1]['content'] + tokenizer.eos_token)
     finally: tokenizer.padding_side = side
     return hits / max(1, len(records)), outs
+
+# %% ../nbs/02_data.ipynb #c7bb7432
+def random_batches(examples, batch_size, pad_id, seed=0):
+    "A batch source for `train_steps`: each call draws `batch_size` of `examples` at random (seeded) and pads them"
+    g = torch.Generator().manual_seed(seed)
+    def batch(step): return pad_collate([examples[i] for i in torch.randint(len(examples), (batch_size,), generator=g).tolist()], pad_id)
+    return batch

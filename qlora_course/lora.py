@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['PEFT_PREFIX', 'lora_scaling', 'base_weight', 'LoRALinear', 'find_targets', 'lora_layers', 'add_lora', 'count_params',
-           'lora_state_dict', 'load_lora_state_dict', 'max_rel_err', 'peft_parity', 'four_bit_pair', 'lora_config',
-           'save_adapter', 'load_adapter', 'merge_and_unload']
+           'lora_state_dict', 'load_lora_state_dict', 'peft_parity', 'four_bit_pair', 'lora_config', 'save_adapter',
+           'load_adapter', 'merge_and_unload']
 
-# %% ../nbs/05_lora.ipynb #a3339f36
+# %% ../nbs/05_lora.ipynb #f638fa48
 import json, math, re, tempfile
 from pathlib import Path
 import torch
@@ -15,7 +15,7 @@ from torch import nn
 from safetensors.torch import load_file, save_file
 from .core import set_seed
 from .models import load_model
-from .quant import NF4Linear, quantize_nf4
+from .quant import NF4Linear, quantize_nf4, max_rel_err
 
 # %% ../nbs/05_lora.ipynb #da5b192e
 def lora_scaling(r, alpha, use_rslora=False):
@@ -156,7 +156,7 @@ def count_params(model):
     total = sum(p.numel() for p in model.parameters() if id(p) not in skip) + sum(map(_logical_numel, quant))
     return sum(p.numel() for p in model.parameters() if p.requires_grad), total
 
-# %% ../nbs/05_lora.ipynb #e78c214e
+# %% ../nbs/05_lora.ipynb #2da0af56
 PEFT_PREFIX = 'base_model.model.'  # PeftModel -> LoraModel -> the Hugging Face model
 
 def lora_state_dict(model):
@@ -176,11 +176,6 @@ def load_lora_state_dict(model, state_dict):
             if v.shape != state_dict[k].shape: raise ValueError(f'{k}: the model has shape {tuple(v.shape)}, the adapter {tuple(state_dict[k].shape)}')
             v.copy_(state_dict[k])
     return model
-
-def max_rel_err(a, b):
-    "max|a - b| / max|b|, in float64: the relative error the equivalence checks bound"
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 def _peft_name(key):
     "PEFT's in-memory parameter name for our adapter key `key` (PEFT's adapter is called 'default')"

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['BLOCKSIZES', 'FLOAT_DTYPES', 'ROUNDINGS', 'NF4_CODE', 'FP4_CODE', 'DYNAMIC_CODE', 'STORAGE_DTYPES', 'same_bits',
-           'test_bits', 'rel_error', 'absmax_quantize', 'absmax_dequantize', 'zeropoint_quantize',
+           'test_bits', 'rel_error', 'max_rel_err', 'absmax_quantize', 'absmax_dequantize', 'zeropoint_quantize',
            'zeropoint_dequantize', 'int_code', 'blocks_of', 'nearest_code', 'quantize_blockwise',
            'dequantize_blockwise', 'nf4_code', 'fp4_code', 'pack_4bit', 'unpack_4bit', 'dynamic_code', 'lut_code',
            'NF4Stats', 'double_quantize', 'cpu_flags', 'bnb_cpu_kernel', 'bnb_flushes_subnormals', 'quantize_4bit',
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-# %% ../nbs/04_quant.ipynb #6db69781
+# %% ../nbs/04_quant.ipynb #6534db5e
 def same_bits(a, b):
     "Whether tensors `a` and `b` have the same dtype, shape and bytes (NaN payloads and -0.0 included)"
     a, b = a.detach(), b.detach()
@@ -39,6 +39,11 @@ def rel_error(approx, ref):
     "‖approx - ref‖ / ‖ref‖, computed in float64"
     ref = ref.double()
     return ((approx.double() - ref).norm() / ref.norm()).item()
+
+def max_rel_err(approx, ref):
+    "max|approx - ref| / max|ref|, computed in float64: the worst single element, where `rel_error` averages"
+    approx, ref = approx.detach().double(), ref.detach().double()
+    return ((approx - ref).abs().max() / ref.abs().max()).item()
 
 # %% ../nbs/04_quant.ipynb #c261ab1d
 def absmax_quantize(x, bits=8, dim=None):
