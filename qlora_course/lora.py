@@ -4,18 +4,18 @@
 
 # %% auto #0
 __all__ = ['PEFT_PREFIX', 'lora_scaling', 'base_weight', 'LoRALinear', 'find_targets', 'lora_layers', 'add_lora', 'count_params',
-           'lora_state_dict', 'load_lora_state_dict', 'peft_parity', 'four_bit_pair', 'lora_config', 'save_adapter',
-           'load_adapter', 'merge_and_unload']
+           'lora_state_dict', 'load_lora_state_dict', 'peft_parity', 'four_bit_pair', 'float64_copy', 'bf16_parity',
+           'bf16_markdown', 'check_bf16', 'lora_config', 'save_adapter', 'load_adapter', 'merge_and_unload']
 
-# %% ../nbs/05_lora.ipynb #f638fa48
-import json, math, re, tempfile
+# %% ../nbs/05_lora.ipynb #302add3a
+import copy, json, math, re, tempfile
 from pathlib import Path
 import torch
 from torch import nn
 from safetensors.torch import load_file, save_file
 from .core import set_seed
-from .models import load_model
-from .quant import NF4Linear, quantize_nf4, max_rel_err
+from .models import TINY_ARCHS, load_model, tiny_model
+from .quant import NF4Linear, quantize_nf4, max_rel_err, rel_error
 
 # %% ../nbs/05_lora.ipynb #da5b192e
 def lora_scaling(r, alpha, use_rslora=False):
@@ -156,7 +156,7 @@ def count_params(model):
     total = sum(p.numel() for p in model.parameters() if id(p) not in skip) + sum(map(_logical_numel, quant))
     return sum(p.numel() for p in model.parameters() if p.requires_grad), total
 
-# %% ../nbs/05_lora.ipynb #2da0af56
+# %% ../nbs/05_lora.ipynb #b35bc478
 PEFT_PREFIX = 'base_model.model.'  # PeftModel -> LoraModel -> the Hugging Face model
 
 def lora_state_dict(model):
@@ -183,8 +183,9 @@ def _peft_name(key):
     if key.endswith('lora_magnitude_vector'): return key + '.default.weight'
     return re.sub(r'\.(lora_[AB])\.weight$', r'.\1.default.weight', key)
 
-def peft_parity(ours, theirs, target_modules='all-linear', r=4, lora_alpha=8, seed=0, batch=2, seq=16, **kwargs):
-    "Adapt identical models `ours` (add_lora) and `theirs` (PEFT) alike; max relative differences of logits and gradients"
+def peft_parity(ours, theirs, target_modules='all-linear', r=4, lora_alpha=8, seed=0, batch=2, seq=16, reference=None, err=max_rel_err, **kwargs):
+    "Adapt identical models `ours` (add_lora) and `theirs` (PEFT) alike; relative differences (`err`) of logits and worst gradients"
+    # reference: a function of our adapted model giving a model to measure both sides against (e.g. `float64_copy`; no dropout then)
     from peft import LoraConfig, get_peft_model
     from peft.utils import get_peft_model_state_dict
     set_seed(seed)
@@ -194,9 +195,9 @@ def peft_parity(ours, theirs, target_modules='all-linear', r=4, lora_alpha=8, se
             if 'lora_magnitude_vector' in n: p.mul_(1 + 0.1 * torch.randn_like(p))
     add_lora(ours, target_modules, r=r, lora_alpha=lora_alpha, **kwargs)
     load_lora_state_dict(ours, get_peft_model_state_dict(pm, save_embedding_layers=False))
-    ids = torch.randint(0, ours.config.vocab_size, (batch, seq))
-    logits = []
-    for m in (ours, pm):
+    ids = torch.randint(0, ours.config.vocab_size, (batch, seq), device=next(ours.parameters()).device)
+    models, logits = [ours, pm] + ([reference(ours)] if reference else []), []
+    for m in models:
         m.train(); set_seed(seed + 1)  # the same dropout masks in both
         out = m(input_ids=ids, labels=ids)
         out.loss.backward(); logits.append(out.logits)
@@ -204,8 +205,13 @@ def peft_parity(ours, theirs, target_modules='all-linear', r=4, lora_alpha=8, se
     peft_params = {n: p for n, p in pm.named_parameters() if p.requires_grad}
     if sorted(map(_peft_name, mine)) != sorted(peft_params):
         raise AssertionError(f'different trainable tensors: ours {len(mine)}, PEFT {len(peft_params)}')
-    grads = [max_rel_err(p.grad, peft_params[_peft_name(n)].grad) for n, p in mine.items()]
-    return dict(logits=max_rel_err(*logits), grads=max(grads), tensors=len(mine))
+    grads = [err(p.grad, peft_params[_peft_name(n)].grad) for n, p in mine.items()]
+    res = dict(logits=err(*logits[:2]), grads=max(grads), tensors=len(mine))
+    if reference:
+        ref = {n: p for n, p in models[2].named_parameters() if p.requires_grad}
+        res['ours_vs_ref'] = (err(logits[0], logits[2]), max(err(p.grad, ref[n].grad) for n, p in mine.items()))
+        res['peft_vs_ref'] = (err(logits[1], logits[2]), max(err(peft_params[_peft_name(n)].grad, ref[n].grad) for n in mine))
+    return res
 
 # %% ../nbs/05_lora.ipynb #03b69ff2
 def _swap_linear4bit(model):
@@ -227,6 +233,43 @@ def four_bit_pair(model, compute_dtype=torch.float32):
         model.save_pretrained(d)
         load = lambda: load_model(d, dtype=compute_dtype, quantization_config=cfg, device_map={'': device})
         return _swap_linear4bit(load()), load()
+
+# %% ../nbs/05_lora.ipynb #e318a90f
+def float64_copy(model):
+    "A float64 copy of adapted `model`, quantized base layers dequantized: the exact function a 4-bit model computes"
+    m = copy.deepcopy(model)
+    for layer in lora_layers(m).values():
+        b = layer.base_layer
+        if _is_quantized(b):
+            w = base_weight(b)
+            dense = nn.Linear(layer.in_features, layer.out_features, bias=b.bias is not None, device=w.device, dtype=torch.float64)
+            with torch.no_grad():
+                dense.weight.copy_(w)
+                if b.bias is not None: dense.bias.copy_(b.bias)
+            layer.base_layer = dense.requires_grad_(False)
+    return m.double()
+
+# %% ../nbs/05_lora.ipynb #1c117183
+def bf16_parity(device, configs=(('LoRA', {}),), archs=TINY_ARCHS):
+    "Adapters over 4-bit bf16 bases on `device`, ours and PEFT's, for every arch and (name, kwargs) config, each measured against float64"
+    results = {}
+    for arch in archs:
+        for name, kw in configs:
+            pair = four_bit_pair(tiny_model(arch, dtype=torch.bfloat16).to(device), compute_dtype=torch.bfloat16)
+            results[arch, name] = peft_parity(*pair, reference=float64_copy, err=rel_error, **kw)
+    return results
+
+def bf16_markdown(results):
+    "A markdown table of `bf16_parity` results: relative errors (‖a - b‖ / ‖b‖) of the logits / of the worst adapter gradient"
+    f = lambda t: f'{t[0]:.3f} / {t[1]:.3f}'
+    return '\n'.join(['| arch | adapter | ours vs PEFT | ours vs float64 | PEFT vs float64 |', '|---|---|---|---|---|'] +
+                     [f"| {a} | {n} | {f((r['logits'], r['grads']))} | {f(r['ours_vs_ref'])} | {f(r['peft_vs_ref'])} |" for (a, n), r in results.items()])
+
+def check_bf16(results, bounds=(0.06, 0.3), ratio=2.5):
+    "Assert both sides' errors from float64 are below `bounds` (logits, worst gradient), ours never `ratio` times PEFT's"
+    for key, res in results.items():
+        for o, p, bound in zip(res['ours_vs_ref'], res['peft_vs_ref'], bounds):
+            assert o < bound and p < bound and o < ratio * p + 1e-3, (key, res)
 
 # %% ../nbs/05_lora.ipynb #f859e070
 def lora_config(model, base_model_name_or_path=None):
