@@ -356,10 +356,11 @@ class _NF4Matmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        storage = ctx.saved_tensors   # read once: non-reentrant checkpointing lets each saved tensor be unpacked only once
         grad_x = grad_b = None
-        if ctx.needs_input_grad[0]: grad_x = g @ ctx.layer._dequantize(ctx.saved_tensors, g.dtype)
+        if ctx.needs_input_grad[0]: grad_x = g @ ctx.layer._dequantize(storage, g.dtype)
         if ctx.needs_input_grad[1]: grad_b = g.reshape(-1, g.shape[-1]).sum(0)
-        return (grad_x, grad_b, None) + (None,) * len(ctx.saved_tensors)
+        return (grad_x, grad_b, None) + (None,) * len(storage)
 
 class NF4Linear(nn.Module):
     "A frozen linear layer stored as NF4: packed 4-bit codes and block statistics, plain tensors viewed as `storage_dtype`"
