@@ -9,11 +9,15 @@ __all__ = ['REPORT_PACKAGES', 'SCHEDULES', 'OPTIMIZER_NAMES', 'pkg_version', 'en
            'n_targets', 'Losses', 'rng_state', 'set_rng_state', 'loop_state', 'train_steps', 'smooth', 'plot_losses']
 
 # %% ../nbs/00_core.ipynb #725b00db
-import contextlib, copy, functools, math, os, platform, random, re, resource, sys, time, types
+import contextlib, copy, functools, logging, math, os, platform, random, re, resource, sys, time, types
 from importlib.metadata import version as _pkg_version, PackageNotFoundError
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+# bitsandbytes 0.50 on CPUs with AVX512-BF16 logs that it could not fetch an optional kernel from the Hugging Face Hub
+# (through the `kernels` package); this course runs offline and uses its own kernels, so that line is noise here
+logging.getLogger('bitsandbytes.backends.cpu.ops').addFilter(lambda record: 'kernels-community' not in record.getMessage())
 
 # %% ../nbs/00_core.ipynb #f07a5926
 REPORT_PACKAGES = ('torch', 'transformers', 'peft', 'trl', 'bitsandbytes', 'accelerate', 'datasets', 'qlora_course')

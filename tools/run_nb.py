@@ -61,7 +61,8 @@ def run_notebook(path, force=(), outputs_from=None):
         print(f'  {copy_flagged_outputs(nb, other)} flagged cells take their outputs from {other}')
     def preproc(cell):
         if cell.cell_type != 'code': return True
-        if cell_flags(cell.source) & skip: return True
+        flags = cell_flags(cell.source)
+        if flags & skip or {'eval:', 'false'} <= flags: return True   # `#| eval: false`: never run here (nbdev_test skips it too)
         cell.outputs = []
         return False
     shell = Shell(path)
