@@ -5,15 +5,16 @@
 # %% auto #0
 __all__ = ['TRAIN_TYPES', 'BACKENDS', 'PRECISIONS', 'RESUMABLE_CHANGES', 'compute_dtype', 'amp_settings', 'quantize_model',
            'dequantize_model', 'enable_checkpointing', 'prepare_model', 'load_data', 'tokenize_split', 'epoch_batches',
-           'eval_loss', 'TrainConfig', 'arg_parser', 'parse_args', 'trainable_state', 'save_trained', 'checkpoints',
-           'save_checkpoint', 'config_differences', 'find_checkpoint', 'load_checkpoint', 'default_lr', 'train',
-           'merged_model', 'merge_to_folder', 'plot_run', 'main']
+           'token_nll', 'eval_loss', 'TrainConfig', 'arg_parser', 'parse_args', 'trainable_state', 'save_trained',
+           'checkpoints', 'save_checkpoint', 'config_differences', 'find_checkpoint', 'load_checkpoint', 'default_lr',
+           'train', 'merged_model', 'merge_to_folder', 'plot_run', 'main']
 
-# %% ../nbs/07_train.ipynb #9d601e28
+# %% ../nbs/07_train.ipynb #922bd8c0
 import argparse, copy, dataclasses, json, math, os, shutil, sys, tempfile, time
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 import torch
+import torch.nn.functional as F
 from torch import nn
 from safetensors.torch import load_file, save_file
 from .core import (set_seed, get_device, default_dtype, train_steps, loop_state, n_targets, SCHEDULES,
@@ -23,7 +24,7 @@ from .data import (BUILTIN_DATASETS, builtin_dataset, read_instructions, tokeniz
 from .quant import NF4Linear
 from .lora import add_lora, lora_layers, save_adapter, load_adapter, merge_and_unload, count_params, _swap_linear4bit
 
-# %% ../nbs/07_train.ipynb #fd66c4b5
+# %% ../nbs/07_train.ipynb #c5c8c91b
 TRAIN_TYPES = ('full', 'lora', 'dora', 'qlora', 'qdora')
 BACKENDS = ('course', 'hf')
 PRECISIONS = ('auto', 'fp32', 'bf16', 'fp16')
@@ -44,7 +45,7 @@ def amp_settings(train_type, dtype):
     "(autocast dtype, loss scaling) of the loop: full fine-tuning keeps fp32 weights under autocast; fp16 needs loss scaling"
     return (dtype if train_type == 'full' and dtype != torch.float32 else None), dtype == torch.float16
 
-# %% ../nbs/07_train.ipynb #dadee83d
+# %% ../nbs/07_train.ipynb #dbbb5694
 def quantize_model(model, compute_dtype=torch.float32, blocksize=64, double_quant=True, storage_dtype=torch.uint8):
     "Replace every nn.Linear of `model` but the output layer by an `NF4Linear` (the QLoRA base), in place"
     out = model.get_output_embeddings() if hasattr(model, 'get_output_embeddings') else None
@@ -73,7 +74,7 @@ def _has_bnb(model):
     except ImportError: return False
     return any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
 
-# %% ../nbs/07_train.ipynb #5307d88b
+# %% ../nbs/07_train.ipynb #45bb1d7e
 def _source_folder(model_name):
     "A folder `from_pretrained` can read for `model_name`: the name itself, or for `tiny:<arch>` a cached copy written once"
     s = str(model_name)
@@ -132,7 +133,7 @@ def prepare_model(model_name='tiny:base', train_type='qlora', backend='course', 
     model.config.use_cache = False
     return model, tokenizer
 
-# %% ../nbs/07_train.ipynb #2f098c10
+# %% ../nbs/07_train.ipynb #bb76ef4e
 def load_data(dataset='world', dataset_format=None, eval_fraction=0.1, dataset_samples=None, seed=0):
     "(train, held-out) instruction records from a built-in dataset (its test split), a .json/.jsonl file or a hub dataset"
     import datasets
@@ -169,17 +170,28 @@ def epoch_batches(examples, batch_size, pad_id, seed=0):
     return batch
 
 @torch.no_grad()
-def eval_loss(model, examples, pad_id, batch_size=32):
+def token_nll(model, examples, batch_size=8, pad_id=0):
+    "(summed cross-entropy, count) over the label tokens (labels != -100, shifted as in training) of tokenized `examples`"
+    was_training, device = model.training, next(model.parameters()).device
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for i in range(0, len(examples), batch_size):
+            b = {k: v.to(device) for k, v in pad_collate(examples[i:i + batch_size], pad_id).items() if torch.is_tensor(v)}
+            labels = b.pop('labels')[:, 1:]        # padding is masked and unlabeled, so pad_id does not matter
+            logits = model(**b).logits[:, :-1]
+            total += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction='sum').item()
+            count += (labels != -100).sum().item()
+    finally: model.train(was_training)
+    return total, count
+
+def eval_loss(model, examples, pad_id, batch_size=8):
     "Mean cross-entropy over every scored token of `examples` (weighted by tokens, not by batches); exp of it is the perplexity"
-    total = count = 0
-    device = next(model.parameters()).device
-    for i in range(0, len(examples), batch_size):
-        b = pad_collate(examples[i:i + batch_size], pad_id)
-        n = n_targets(b)
-        if n: total += model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}).loss.float().item() * n; count += n
+    total, count = token_nll(model, examples, batch_size, pad_id)
+    if not count: raise ValueError('no label tokens (labels != -100) in the held-out examples: nothing to evaluate')
     return total / count
 
-# %% ../nbs/07_train.ipynb #c7333d4a
+# %% ../nbs/07_train.ipynb #8c95443e
 def _f(default, help, **kw): return field(default=default, metadata=dict(help=help, **kw))
 
 @dataclass
@@ -255,7 +267,7 @@ def parse_args(argv=None, cls=TrainConfig, **kw):
     "A `cls` from command-line flags"
     return cls(**vars(arg_parser(cls, **kw).parse_args(argv)))
 
-# %% ../nbs/07_train.ipynb #c2ee78f4
+# %% ../nbs/07_train.ipynb #4fbf49f3
 def trainable_state(model):
     "The parameters that train, by name (the adapters, or every weight in full fine-tuning)"
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
@@ -329,7 +341,7 @@ def load_checkpoint(model, path):
         for k, p in ours.items(): p.copy_(saved[k])
     return torch.load(Path(path)/'state.pt', weights_only=True)
 
-# %% ../nbs/07_train.ipynb #d15b2a35
+# %% ../nbs/07_train.ipynb #b1adffea
 def default_lr(model_name):
     "3e-3 for the course's tiny models, 2e-4 (the QLoRA paper's rate for 7B-13B models) for real ones"
     return 3e-3 if str(model_name).startswith('tiny:') else 2e-4
@@ -387,7 +399,7 @@ def train(cfg=None, on_step=None, **overrides):
     _write_atomically(out/'metrics', lambda d: _write_metrics(res, d))
     return res
 
-# %% ../nbs/07_train.ipynb #3edbc467
+# %% ../nbs/07_train.ipynb #94c83607
 @torch.no_grad()
 def merged_model(model):
     "A plain transformers model that computes what the adapted `model` does: each update folded into its dequantized base weight"
@@ -426,7 +438,7 @@ def _write_metrics(res, d):
     ax = plot_run(l, title=f"{res['config'].train_type} on {res['config'].dataset}")
     ax.figure.savefig(d/'loss.png', dpi=100, bbox_inches='tight'); plt.close(ax.figure)
 
-# %% ../nbs/07_train.ipynb #b1ab362e
+# %% ../nbs/07_train.ipynb #a3116a65
 def main(argv=None):
     "`qlora-train`: fine-tune from the command line (no flags: QLoRA of the course's tiny base on the built-in world dataset, on CPU)"
     cfg = parse_args(argv, description='Fine-tune a causal language model with QLoRA, QDoRA, LoRA, DoRA or in full, on one device. '
@@ -446,6 +458,6 @@ def main(argv=None):
     print(f"adapter: {res['adapter_dir']}" + (f"\nmerged model: {res['merged_dir']}" if 'merged_dir' in res else ''))
     return None   # a console script exits with what main returns
 
-# %% ../nbs/07_train.ipynb #59f4ae4f
+# %% ../nbs/07_train.ipynb #38a2fa29
 #| eval: false
 if __name__ == '__main__': main()
