@@ -133,7 +133,7 @@ def prepare_model(model_name='tiny:base', train_type='qlora', backend='course', 
     model.config.use_cache = False
     return model, tokenizer
 
-# %% ../nbs/07_train.ipynb #bb76ef4e
+# %% ../nbs/07_train.ipynb #11344270
 def load_data(dataset='world', dataset_format=None, eval_fraction=0.1, dataset_samples=None, seed=0):
     "(train, held-out) instruction records from a built-in dataset (its test split), a .json/.jsonl file or a hub dataset"
     import datasets
@@ -162,11 +162,12 @@ def epoch_batches(examples, batch_size, pad_id, seed=0):
     n = len(examples)
     per_epoch = max(1, n // batch_size)
     perms = {}
-    def batch(i):
+    def indices(i):
         epoch, k = divmod(i, per_epoch)
         if epoch not in perms: perms.clear(); perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        return pad_collate([examples[j] for j in perms[epoch][k * batch_size:(k + 1) * batch_size].tolist()], pad_id)
-    batch.per_epoch = per_epoch
+        return perms[epoch][k * batch_size:(k + 1) * batch_size].tolist()
+    def batch(i): return pad_collate([examples[j] for j in indices(i)], pad_id)
+    batch.per_epoch, batch.indices = per_epoch, indices   # which examples batch i holds: to feed another trainer the same order
     return batch
 
 @torch.no_grad()

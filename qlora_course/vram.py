@@ -7,9 +7,8 @@ __all__ = ['GiB', 'CATALOG', 'ALIASES', 'SUPPORTED', 'DTYPE_BYTES', 'METHODS', '
            'WORKSPACE', 'CUDA_CONTEXT', 'NCCL_BUFFERS', 'ALLOCATOR_SLACK', 'GPUS', 'get_config', 'Shape', 'shape_of',
            'linears', 'count_params', 'param_counts', 'quant_bytes', 'bits_per_param', 'adapted', 'adapter_params',
            'Setup', 'make_setup', 'attention_kernel', 'layer_activations', 'layer_backward_extra', 'dora_forward_temp',
-           'Estimate', 'estimate', 'MemoryTracker', 'cuda_kernel_choice', 'model_bytes', 'prepare_run',
-           'make_optimizer', 'measure', 'gpu_bytes', 'Fit', 'fits', 'max_batch', 'plot_breakdown', 'plot_vs_seq',
-           'calculator']
+           'Estimate', 'estimate', 'MemoryTracker', 'cuda_kernel_choice', 'model_bytes', 'prepare_run', 'measure',
+           'gpu_bytes', 'Fit', 'fits', 'max_batch', 'plot_breakdown', 'plot_vs_seq', 'calculator']
 
 # %% ../nbs/03_vram.ipynb #fd16a6f7
 import contextlib, gc, math, os, re, tempfile, time, warnings, weakref
@@ -18,6 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+from .core import make_optimizer
 
 # %% ../nbs/03_vram.ipynb #fc1a97fb
 GiB = 2**30
@@ -517,22 +517,14 @@ def prepare_run(model, method='qlora', grad_ckpt=True, r=16, targets='all-linear
         assert all(p.dtype == torch.float32 for p in m.parameters() if p.requires_grad), 'expected fp32 adapters'
     return m
 
-def make_optimizer(params, name='adamw', lr=1e-5):
-    "The optimizer `estimate` calls `name`: torch AdamW (foreach, as torch picks on CUDA) or a bitsandbytes one"
-    _check('optimizer', name, tuple(OPTIMIZERS))
-    if name == 'adamw': return torch.optim.AdamW(params, lr=lr, foreach=True)
-    if name == 'sgd': return torch.optim.SGD(params, lr=lr)
-    import bitsandbytes as bnb
-    return {'adamw8bit': bnb.optim.AdamW8bit, 'paged_adamw': bnb.optim.PagedAdamW,
-            'paged_adamw8bit': bnb.optim.PagedAdamW8bit}[name](params, lr=lr)
-
 def measure(model, batch=1, seq=2048, steps=3, lr=1e-5, optimizer='adamw', track=False, keep_outputs=False, clip=True,
             device=None):
     "Peak memory (bytes) of `steps` steps of the loop of `core.train_steps`: overall, per phase, and static"
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     gpu = dev.type == 'cuda'
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(params, optimizer, lr)
+    _check('optimizer', optimizer, tuple(OPTIMIZERS))
+    opt = make_optimizer(params, optimizer, lr, **({'foreach': True} if optimizer == 'adamw' else {}))   # foreach: as torch picks on CUDA
     cfg = getattr(model, 'module', model).config                         # DDP keeps the model in `.module`
     x = torch.randint(0, cfg.get_text_config().vocab_size, (batch, seq), device=dev)
     model.train()
