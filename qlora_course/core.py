@@ -261,12 +261,12 @@ def _restore(loop, s):
 
 def train_steps(model, batches, steps, lr=1e-3, warmup=0, weight_decay=0.0, grad_clip=1.0, loss_fn=hf_loss, params=None,
                 progress=True, desc='training', accum=1, schedule='cosine', optimizer='adamw', eval_fn=None, eval_every=0,
-                on_step=None, resume=None, autocast_dtype=None, loss_scaling=False):
+                before_step=None, on_step=None, resume=None, autocast_dtype=None, loss_scaling=False):
     "Train `model` for `steps` optimizer steps of `accum` micro-batches each; returns the loss of every step (`Losses`)"
     params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
     if not params: raise ValueError('nothing to train: no parameter requires grad')
     if accum < 1: raise ValueError(f'accum (gradient accumulation steps) must be at least 1, got {accum}')
-    opt = make_optimizer(params, optimizer, lr, weight_decay)
+    opt = optimizer(params) if callable(optimizer) else make_optimizer(params, optimizer, lr, weight_decay)   # a name, or a factory
     sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(lr_multiplier, total=steps, warmup=warmup, schedule=schedule))
     device = next(model.parameters()).device
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
@@ -286,6 +286,7 @@ def train_steps(model, batches, steps, lr=1e-3, warmup=0, weight_decay=0.0, grad
             (loop.scaler.scale(loss) if loop.scaler else loss).backward()
             total += loss.item()
         if loop.scaler: loop.scaler.unscale_(opt)
+        if before_step is not None: before_step(loop)     # the gradients are complete (and unscaled); nothing stepped yet
         if grad_clip: torch.nn.utils.clip_grad_norm_(params, grad_clip)
         losses.lrs.append(sched.get_last_lr()[0])
         if loop.scaler: loop.scaler.step(opt); loop.scaler.update()

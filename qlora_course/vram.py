@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from .core import make_optimizer
+from .core import make_optimizer, train_steps
 
 # %% ../nbs/03_vram.ipynb #fc1a97fb
 GiB = 2**30
@@ -519,15 +519,12 @@ def prepare_run(model, method='qlora', grad_ckpt=True, r=16, targets='all-linear
 
 def measure(model, batch=1, seq=2048, steps=3, lr=1e-5, optimizer='adamw', track=False, keep_outputs=False, clip=True,
             device=None):
-    "Peak memory (bytes) of `steps` steps of the loop of `core.train_steps`: overall, per phase, and static"
+    "Peak memory (bytes) of `steps` steps of `core.train_steps` on random tokens: overall, per phase, and static"
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     gpu = dev.type == 'cuda'
-    params = [p for p in model.parameters() if p.requires_grad]
     _check('optimizer', optimizer, tuple(OPTIMIZERS))
-    opt = make_optimizer(params, optimizer, lr, **({'foreach': True} if optimizer == 'adamw' else {}))   # foreach: as torch picks on CUDA
     cfg = getattr(model, 'module', model).config                         # DDP keeps the model in `.module`
     x = torch.randint(0, cfg.get_text_config().vocab_size, (batch, seq), device=dev)
-    model.train()
     gc.collect()      # an earlier 4-bit model can linger: bitsandbytes' Params4bit sits in a reference cycle
     if gpu: torch.cuda.synchronize(); torch.cuda.empty_cache(); static = torch.cuda.memory_allocated()
     else: static = model_bytes(model)
@@ -535,17 +532,22 @@ def measure(model, batch=1, seq=2048, steps=3, lr=1e-5, optimizer='adamw', track
     def mark():
         if gpu: torch.cuda.synchronize(); p = torch.cuda.max_memory_allocated(); torch.cuda.reset_peak_memory_stats(); return p
         p = static + tracker.peak; tracker.reset_peak(); return p
-    phases, losses, t0 = [], [], time.time()
+    phases, kept = [], []
+    def forward(model, b):                  # the loss as train_steps takes it; the output kept through backward only if asked
+        kept.clear()
+        out = model(**b); phases.append({'forward': mark()})
+        if keep_outputs: kept.append(out)
+        return out.loss
+    opt = lambda ps: make_optimizer(ps, optimizer, lr, **({'foreach': True} if optimizer == 'adamw' else {}))   # foreach: as torch picks on CUDA
+    t0 = time.time()
     with (contextlib.nullcontext() if gpu else cuda_kernel_choice()), (tracker if track or not gpu else contextlib.nullcontext()):
         if gpu: torch.cuda.reset_peak_memory_stats()
-        for step in range(steps):
-            out = model(input_ids=x, labels=x); loss = out.loss; f = mark()
-            if not keep_outputs: del out                                 # as core.train_steps: only the loss is kept
-            loss.backward(); b = mark()
-            if clip: torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step(); opt.zero_grad(set_to_none=True); o = mark()
-            phases.append({'forward': f, 'backward': b, 'optimizer step': o}); losses.append(loss.item())
-    res = dict(peak=max(max(p.values()) for p in phases), phases=phases, static=static, losses=losses,
+        losses = train_steps(model, [{'input_ids': x, 'labels': x}], steps, lr=lr, grad_clip=1.0 if clip else 0, loss_fn=forward,
+                             optimizer=opt, schedule='constant', progress=False,
+                             before_step=lambda loop: phases[-1].update(backward=mark()),
+                             on_step=lambda loop: phases[-1].update({'optimizer step': mark()}))
+    model.train()
+    res = dict(peak=max(max(p.values()) for p in phases), phases=phases, static=static, losses=list(losses),
                seconds_per_step=(time.time() - t0) / steps)
     if gpu: res['reserved'] = torch.cuda.max_memory_reserved()
     if track: res['top'], res['tracked_peak'] = tracker.top(25), tracker.max_peak
