@@ -51,12 +51,15 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--cpu', action='store_true'); p.add_argument('--steps', type=int, default=3)
     p.add_argument('--out', default=os.environ.get('OUT', '.'))
+    p.add_argument('--rows', default=None, help='comma-separated indices of the grid rows to run (default: all)')
     a = p.parse_args()
     rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
     if a.cpu: device = torch.device('cpu'); dist.init_process_group('gloo')
     else: device = torch.device('cuda', int(os.environ['LOCAL_RANK'])); torch.cuda.set_device(device); dist.init_process_group('nccl')
     rows, t0 = [], time.time()
-    for model, method, sharding, batch, seq, ckpt, offload in (TINY if a.cpu else GRID):
+    grid = TINY if a.cpu else GRID
+    if a.rows: grid = [grid[int(i)] for i in a.rows.split(',')]
+    for model, method, sharding, batch, seq, ckpt, offload in grid:
         name = model if isinstance(model, str) else 'tiny-llama'
         est = vram.estimate(model, method, batch, seq, ckpt, n_gpus=world, sharding=sharding, cpu_offload=offload,
                             device=device.type)
