@@ -79,11 +79,20 @@ def _field(rec, i, name, kind=str, required=True):
     if not isinstance(rec[name], kind): raise BadRecord(i, name, f'field {name!r} should be a {kind.__name__}, got {type(rec[name]).__name__}')
     return rec[name]
 
+def _history(rec, i):
+    "An Alpaca record's earlier turns (`history`: [[instruction, response], ...]) as messages"
+    msgs = []
+    for j, pair in enumerate(_field(rec, i, 'history', list, required=False)):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise BadRecord(i, 'history', f'history[{j}] should be a pair [instruction, response] of strings, got {str(pair)[:80]}')
+        msgs += [{'role': 'user', 'content': pair[0]}, {'role': 'assistant', 'content': pair[1]}]
+    return msgs
+
 def _alpaca(rec, i):
     inst, inp, out = _field(rec, i, 'instruction'), _field(rec, i, 'input', required=False), _field(rec, i, 'output')
     user = inst.strip() + (f'\n\n{inp.strip()}' if inp.strip() else '')
     sys_ = _field(rec, i, 'system', required=False)
-    return ([{'role': 'system', 'content': sys_}] if sys_.strip() else []) + [{'role': 'user', 'content': user}, {'role': 'assistant', 'content': out}]
+    return ([{'role': 'system', 'content': sys_}] if sys_.strip() else []) + _history(rec, i) + [{'role': 'user', 'content': user}, {'role': 'assistant', 'content': out}]
 
 def _turns(turns, i, field, role_key, text_key, roles):
     msgs = []
@@ -92,7 +101,9 @@ def _turns(turns, i, field, role_key, text_key, roles):
             raise BadRecord(i, field, f'{field}[{j}] should be a dict with {role_key!r} and {text_key!r}, got {str(t)[:80]}')
         if t[role_key] not in roles: raise BadRecord(i, f'{field}.{role_key}', f'{field}[{j}].{role_key} is {t[role_key]!r}; allowed: {", ".join(sorted(roles))}')
         if not isinstance(t[text_key], str): raise BadRecord(i, f'{field}.{text_key}', f'{field}[{j}].{text_key} should be a str, got {type(t[text_key]).__name__}')
-        msgs.append({'role': roles[t[role_key]], 'content': t[text_key]})
+        msg = {'role': roles[t[role_key]], 'content': t[text_key]}
+        if t.get('weight', 1) == 0: msg['train'] = False   # ShareGPT's `weight: 0`: shown to the model, not trained on
+        msgs.append(msg)
     return msgs
 
 def _sharegpt(rec, i): return _turns(_field(rec, i, 'conversations', list), i, 'conversations', 'from', 'value', SHAREGPT_ROLES)
@@ -100,7 +111,9 @@ def _messages(rec, i): return _turns(_field(rec, i, 'messages', list), i, 'messa
 
 def to_messages(records, format=None, on_error='raise'):
     "Normalise `records` to `[{'messages': [...]}, ...]`; returns (records, report) with counts of what was kept and skipped and why"
-    if format is None and len(records): format = detect_format(records[0])
+    if format is None:
+        if not len(records): raise ValueError('no records to read: the data is empty (check the file, or the split of a Hub dataset)')
+        format = detect_format(records[0])
     if format not in FORMATS: raise ValueError(f'unknown format {format!r}: choose one of {", ".join(FORMATS)}')
     if on_error not in ('raise', 'skip'): raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
     out, skipped = [], Counter()
@@ -115,7 +128,7 @@ def to_messages(records, format=None, on_error='raise'):
             if on_error == 'raise': raise
             skipped[f'bad field {e.field}' if e.field else 'not a record'] += 1; continue
         for msgs in convs:
-            if not any(m['role'] == 'assistant' and m['content'].strip() for m in msgs): skipped['no assistant text'] += 1
+            if not any(m['role'] == 'assistant' and m['content'].strip() and m.get('train', True) is not False for m in msgs): skipped['no assistant text'] += 1
             else: out.append({'messages': msgs})
     report = dict(format=format, records=len(records), conversations=len(out), skipped=sum(skipped.values()), skipped_by_reason=dict(skipped))
     return out, report
@@ -193,11 +206,20 @@ def assistant_mask(tokenizer, messages):
         raise ValueError('the tokenizer has no chat template: set tokenizer.chat_template (or use course_tokenizer())')
     if has_generation_markers(tokenizer):
         out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-        return list(out['input_ids']), list(out['assistant_masks'])
+        mask, turns = list(out['assistant_masks']), [m for m in messages if m['role'] == 'assistant']
+        runs = [k for k in range(len(mask)) if mask[k] and (k == 0 or not mask[k - 1])]   # where each assistant turn starts
+        if len(runs) == len(turns):                                                     # one marked run per turn: drop the untrained ones
+            for start, m in zip(runs, turns):
+                if m.get('train', True) is False:
+                    k = start
+                    while k < len(mask) and mask[k]: mask[k] = 0; k += 1
+        elif any(m.get('train', True) is False for m in turns):
+            raise ValueError('cannot tell the assistant turns apart in this chat template, so a turn marked not to train on cannot be left out')
+        return list(out['input_ids']), mask
     ids = _render(tokenizer, messages)
     mask = [0] * len(ids)
     for k, m in enumerate(messages):
-        if m['role'] != 'assistant': continue
+        if m['role'] != 'assistant' or m.get('train', True) is False: continue
         before, upto = _render(tokenizer, messages[:k], add_generation_prompt=True), _render(tokenizer, messages[:k+1])
         if upto[:len(before)] != before or ids[:len(upto)] != upto:
             raise ValueError(f'cannot find the tokens of assistant turn {k}: this chat template does not render a conversation as '

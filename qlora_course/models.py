@@ -67,6 +67,9 @@ def _repeated_layer_class(model):
 
 def decoder_layer_class(model):
     "The repeated decoder-layer class of `model`, from `_no_split_modules` or else its longest uniform `nn.ModuleList`"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f'decoder_layer_class needs a model (an nn.Module), got {type(model).__name__} {str(model)[:40]!r}: '
+                        "build or load one first, e.g. tiny_model('llama') or load_model(name); for a config, AutoModelForCausalLM.from_config(config)")
     names = set(getattr(model, '_no_split_modules', None) or [])
     repeated = _repeated_layer_class(model)
     if repeated is not None and repeated.__name__ in names: return repeated
