@@ -400,7 +400,7 @@ def train(cfg=None, on_step=None, **overrides):
     _write_atomically(out/'metrics', lambda d: _write_metrics(res, d))
     return res
 
-# %% ../nbs/07_train.ipynb #94c83607
+# %% ../nbs/07_train.ipynb #ee260a03
 @torch.no_grad()
 def merged_model(model):
     "A plain transformers model that computes what the adapted `model` does: each update folded into its dequantized base weight"
@@ -418,26 +418,27 @@ def merge_to_folder(model, tokenizer, path):
     "Write `merged_model(model)` and the tokenizer to `path`: a folder plain transformers loads"
     return _write_atomically(path, lambda d: (merged_model(model).save_pretrained(d), tokenizer.save_pretrained(d)))
 
-def plot_run(losses, ax=None, title=None, label='train'):
+def plot_run(losses, ax=None, title=None, label=None):
     "Training loss (raw and smoothed) and held-out loss of a `train_steps` run on one axis"
     import matplotlib.pyplot as plt
     if ax is None: _, ax = plt.subplots(figsize=(6, 3.5))
+    pre = f'{label}: ' if label else ''
     line, = ax.plot(losses, alpha=0.25)
-    ax.plot(smooth(losses), color=line.get_color(), label=f'{label} (smoothed)')
-    if losses.evals: ax.plot(list(losses.evals), list(losses.evals.values()), 'o-', color=line.get_color(), mfc='white', label=f'{label}: held-out')
+    ax.plot(smooth(losses), color=line.get_color(), label=f'{pre}training loss (smoothed)')
+    if losses.evals: ax.plot(list(losses.evals), list(losses.evals.values()), 'o-', color=line.get_color(), mfc='white', label=f'{pre}held-out loss')
     ax.set_xlabel('step'); ax.set_ylabel('loss'); ax.grid(alpha=0.3); ax.legend()
     if title: ax.set_title(title)
     return ax
 
 def _write_metrics(res, d):
-    import matplotlib; matplotlib.use('Agg', force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure   # a figure of its own: no pyplot state, no backend switch in the caller's notebook
     keep = ('steps', 'trainable_params', 'eval_loss', 'peak_memory', 'tokens_per_s', 'exact_match_before', 'exact_match_after', 'data')
     l = res['losses']
     (d/'metrics.json').write_text(json.dumps(dict({k: res[k] for k in keep if k in res}, config=asdict(res['config']),
                                                    losses=list(l), eval_losses=l.evals, seconds=l.seconds), indent=1))
-    ax = plot_run(l, title=f"{res['config'].train_type} on {res['config'].dataset}")
-    ax.figure.savefig(d/'loss.png', dpi=100, bbox_inches='tight'); plt.close(ax.figure)
+    fig = Figure(figsize=(6, 3.5))
+    plot_run(l, ax=fig.subplots(), title=f"{res['config'].train_type} on {res['config'].dataset}")
+    fig.savefig(d/'loss.png', dpi=100, bbox_inches='tight')
 
 # %% ../nbs/07_train.ipynb #a3116a65
 def main(argv=None):
