@@ -4,9 +4,10 @@
 
 # %% auto #0
 __all__ = ['REPORT_PACKAGES', 'SCHEDULES', 'OPTIMIZER_NAMES', 'pkg_version', 'env_report', 'env_markdown', 'human_bytes',
-           'set_seed', 'get_device', 'dtype_for_capability', 'default_dtype', 'current_rss', 'reset_peak_rss',
-           'peak_rss', 'MemoryMeter', 'Timer', 'lr_multiplier', 'warmup_cosine', 'make_optimizer', 'hf_loss',
-           'n_targets', 'Losses', 'rng_state', 'set_rng_state', 'loop_state', 'train_steps', 'smooth', 'plot_losses']
+           'display_path', 'set_seed', 'get_device', 'dtype_for_capability', 'default_dtype', 'current_rss',
+           'reset_peak_rss', 'peak_rss', 'MemoryMeter', 'Timer', 'lr_multiplier', 'warmup_cosine', 'make_optimizer',
+           'hf_loss', 'n_targets', 'Losses', 'rng_state', 'set_rng_state', 'loop_state', 'train_steps', 'smooth',
+           'plot_losses']
 
 # %% ../nbs/00_core.ipynb #725b00db
 import contextlib, copy, functools, logging, math, os, platform, random, re, resource, sys, time, types
@@ -52,6 +53,15 @@ def human_bytes(n, digits=2):
     for unit in ('B', 'KiB', 'MiB', 'GiB', 'TiB'):
         if n < 1024 or unit == 'TiB': return f'{sign}{n:.0f} {unit}' if unit == 'B' else f'{sign}{n:.{digits}f} {unit}'
         n /= 1024
+
+# %% ../nbs/00_core.ipynb #26d0fc07
+def display_path(p):
+    "`p` relative to the working folder when it lies at most two folders up from it, else as an absolute path"
+    p = os.path.abspath(os.fspath(p))
+    rel = os.path.relpath(p)
+    parts = rel.split(os.sep)
+    ups = next((i for i, part in enumerate(parts) if part != os.pardir), len(parts))
+    return rel if ups <= 2 else p
 
 # %% ../nbs/00_core.ipynb #822ac8a0
 def set_seed(seed=42, deterministic=False):

@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 import torch
 from .models import world_facts, fact_questions, QUESTIONS
+from .core import display_path
 
 # %% ../nbs/02_data.ipynb #ccbac3a4
 BUILTIN_DATASETS = {
@@ -157,8 +158,8 @@ def _load_source(source, split):
                 if not line.strip(): continue
                 try: recs.append(json.loads(line))
                 except json.JSONDecodeError as e: raise ValueError(f'{p}: line {ln} is not valid JSON ({e.msg}); a .jsonl file holds one JSON object per line') from e
-            return recs, str(p)
-        return json.loads(text), str(p)
+            return recs, display_path(p)
+        return json.loads(text), display_path(p)
     if p.exists() or p.suffix in ('.json', '.jsonl') or str(source).startswith(('.', '/', '~')):
         raise FileNotFoundError(f'no instruction file {str(p.resolve())!r}: give an existing .json (a list of records) or .jsonl '
                                 'file, a datasets.Dataset, a list of dicts, or a Hugging Face Hub dataset name')

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.utils import get_session
-from .core import set_seed, human_bytes, train_steps
+from .core import set_seed, human_bytes, train_steps, display_path
 
 # %% ../nbs/01_models.ipynb #8c2dbb50
 TINY_ARCHS = ('llama', 'mistral', 'qwen2', 'gemma2', 'gemma3_text', 'phi3')
@@ -90,7 +90,7 @@ def _not_found(name, what, err=None, unreachable=None):
     p = Path(str(name)).expanduser()
     offline = hf_constants.HF_HUB_OFFLINE
     missing = 'config.json' if what == 'model' else 'tokenizer files (tokenizer.json, tokenizer_config.json)'
-    tried = [f'a local folder {str(p.resolve())!r}: ' + (f'exists but has no {missing}' if p.is_dir() else 'does not exist')]
+    tried = [f'a local folder {display_path(p)!r}: ' + (f'exists but has no {missing}' if p.is_dir() else 'does not exist')]
     if not _looks_local(name):
         hub = ('skipped, HF_HUB_OFFLINE=1 is set and it is not in the local cache' if offline
                else f'not in the local cache, and the Hub at {hf_constants.ENDPOINT} could not be reached ({unreachable})' if unreachable
