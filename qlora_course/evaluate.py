@@ -9,8 +9,6 @@ __all__ = ['BLEU_SETTINGS', 'METRIC_NAMES', 'normalize_answer', 'final_number', 
 # %% ../nbs/07b_eval.ipynb #faf44897
 import math, re, string
 from decimal import Decimal
-import torch
-import torch.nn.functional as F
 import sacrebleu
 from rouge_score import rouge_scorer
 from .data import answer_accuracy, tokenize_chats

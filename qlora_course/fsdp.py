@@ -6,7 +6,7 @@
 __all__ = ['shard_model', 'full_state_dict', 'save_sharded', 'load_sharded', 'rank_bytes']
 
 # %% ../nbs/09_fsdp.ipynb #052fa28d
-import torch, torch.distributed as dist
+import torch
 from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy, CPUOffloadPolicy, OffloadPolicy
 from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict, StateDictOptions

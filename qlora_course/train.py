@@ -10,14 +10,14 @@ __all__ = ['TRAIN_TYPES', 'BACKENDS', 'PRECISIONS', 'RESUMABLE_CHANGES', 'comput
            'train', 'merged_model', 'merge_to_folder', 'plot_run', 'main']
 
 # %% ../nbs/07_train.ipynb #922bd8c0
-import argparse, copy, dataclasses, json, math, os, shutil, sys, tempfile, time
+import argparse, copy, dataclasses, json, math, os, shutil, sys, tempfile
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
 from safetensors.torch import load_file, save_file
-from .core import (set_seed, get_device, default_dtype, train_steps, loop_state, n_targets, SCHEDULES,
+from .core import (set_seed, get_device, default_dtype, train_steps, loop_state, SCHEDULES,
                                OPTIMIZER_NAMES, human_bytes, Timer, MemoryMeter, smooth)
 from .models import load_model, load_tokenizer
 from .data import (BUILTIN_DATASETS, builtin_dataset, read_instructions, tokenize_chats, pad_collate, answer_accuracy)
@@ -136,7 +136,6 @@ def prepare_model(model_name='tiny:base', train_type='qlora', backend='course', 
 # %% ../nbs/07_train.ipynb #11344270
 def load_data(dataset='world', dataset_format=None, eval_fraction=0.1, dataset_samples=None, seed=0):
     "(train, held-out) instruction records from a built-in dataset (its test split), a .json/.jsonl file or a hub dataset"
-    import datasets
     if dataset in BUILTIN_DATASETS: train, held = builtin_dataset(dataset, 'train'), builtin_dataset(dataset, 'test')
     else:
         ds = read_instructions(dataset, dataset_format, verbose=False).shuffle(seed=seed)
