@@ -6,8 +6,8 @@
 __all__ = ['REPORT_PACKAGES', 'SCHEDULES', 'OPTIMIZER_NAMES', 'pkg_version', 'env_report', 'env_markdown', 'human_bytes',
            'display_path', 'set_seed', 'get_device', 'dtype_for_capability', 'default_dtype', 'current_rss',
            'reset_peak_rss', 'peak_rss', 'MemoryMeter', 'Timer', 'lr_multiplier', 'warmup_cosine', 'make_optimizer',
-           'hf_loss', 'n_targets', 'Losses', 'rng_state', 'set_rng_state', 'loop_state', 'train_steps', 'smooth',
-           'plot_losses']
+           'hf_loss', 'model_device', 'n_targets', 'Losses', 'rng_state', 'set_rng_state', 'loop_state', 'train_steps',
+           'smooth', 'plot_losses']
 
 # %% ../nbs/00_core.ipynb #725b00db
 import contextlib, copy, functools, logging, math, os, platform, random, re, resource, sys, time, types
@@ -195,6 +195,10 @@ def hf_loss(model, batch):
     "Loss of a Hugging Face causal LM on `batch` (which carries `labels`)"
     return model(**batch).loss
 
+def model_device(model):
+    "Where `model` computes: the device it names in `compute_device` (a sharded model whose weights wait in CPU memory), else its first parameter's"
+    return getattr(model, 'compute_device', None) or next(model.parameters()).device
+
 def _to(batch, device):
     return {k: v.to(device) if torch.is_tensor(v) else v for k,v in batch.items()}
 
@@ -263,7 +267,8 @@ def loop_state(loop, snapshot=True):
 
 def _restore(loop, s):
     loop.step = s['step']
-    loop.optimizer.load_state_dict(s['optimizer']); loop.scheduler.load_state_dict(s['scheduler'])
+    if s['optimizer'] is not None: loop.optimizer.load_state_dict(s['optimizer'])   # None: the caller restored it (sharded)
+    loop.scheduler.load_state_dict(s['scheduler'])
     if loop.scaler and s['scaler']: loop.scaler.load_state_dict(s['scaler'])
     loop.losses = Losses(s['losses']); loop.losses.evals, loop.losses.lrs = dict(s['evals']), list(s['lrs'])
     loop.losses.tokens, loop.losses.seconds = s['tokens'], s['seconds']
@@ -278,7 +283,7 @@ def train_steps(model, batches, steps, lr=1e-3, warmup=0, weight_decay=0.0, grad
     if accum < 1: raise ValueError(f'accum (gradient accumulation steps) must be at least 1, got {accum}')
     opt = optimizer(params) if callable(optimizer) else make_optimizer(params, optimizer, lr, weight_decay)   # a name, or a factory
     sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(lr_multiplier, total=steps, warmup=warmup, schedule=schedule))
-    device = next(model.parameters()).device
+    device = model_device(model)
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     loop = types.SimpleNamespace(model=model, optimizer=opt, scheduler=sched, step=0, losses=Losses(), steps=steps,
                                  scaler=torch.amp.GradScaler(device.type) if loss_scaling else None)

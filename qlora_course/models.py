@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['TINY_ARCHS', 'TINY_SIZES', 'CAPITALS', 'ANIMALS', 'COLORS', 'OPPOSITES', 'WORDS', 'QUESTIONS', 'SPECIAL_TOKENS',
            'SPLIT_PATTERN', 'CHAT_TEMPLATE', 'TOKENIZER_EXTRA_TEXT', 'TINY_BASE_ARCH', 'TINY_BASE_RECIPE',
-           'tiny_config', 'tiny_model', 'decoder_layer_class', 'ModelNotFound', 'hub_unreachable', 'load_model',
-           'load_tokenizer', 'world_facts', 'fact_questions', 'pretrain_corpus', 'train_course_tokenizer',
+           'tiny_config', 'tiny_model', 'decoder_layer_class', 'layer_classes', 'ModelNotFound', 'hub_unreachable',
+           'load_model', 'load_tokenizer', 'world_facts', 'fact_questions', 'pretrain_corpus', 'train_course_tokenizer',
            'tiny_base_dir', 'course_tokenizer', 'pretrain_rows', 'pretrain_batches', 'pretrain_tiny_base',
            'save_tiny_base', 'tiny_base_log', 'tiny_base', 'complete', 'probe_facts']
 
@@ -57,26 +57,57 @@ def tiny_model(arch='llama', seed=0, dtype=torch.float32, **overrides):
     return model.eval()
 
 # %% ../nbs/01_models.ipynb #f69cd098
-def _repeated_layer_class(model):
-    "Class of the children of the longest `nn.ModuleList` whose children all share one class"
-    best = None
-    for mod in model.modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and len({type(c) for c in mod}) == 1:
-            if best is None or len(mod) > len(best): best = mod
-    return None if best is None else type(best[0])
+def _decoder_of(model):
+    "The language model inside `model`: what transformers' `get_decoder()` returns (`model` itself when it has none)"
+    get = getattr(model, 'get_decoder', None)
+    try: dec = get() if callable(get) else None
+    except Exception: dec = None  # a model with no rule for finding its decoder: search all of it
+    return dec if isinstance(dec, nn.Module) else model
+
+def _block_lists(module, names=None):
+    "The outermost `nn.ModuleList`s in `module` of repeated blocks: children all of classes in `names`, or (no `names`) all of one class"
+    found = []
+    for path, m in module.named_modules():
+        if not isinstance(m, nn.ModuleList) or len(m) == 0: continue
+        if any(path.startswith(p + '.') for p, _ in found): continue  # inside a block already found (e.g. a layer's experts)
+        kinds = {type(c) for c in m}
+        if (all(k.__name__ in names for k in kinds) if names else len(kinds) == 1): found.append((path, m))
+    return [m for _, m in found]
+
+def _is_decoder(model):
+    "True if an attention module of `model` is causal or it can generate; False if it is a transformers model or has attention, and neither; else None"
+    flags = {m.is_causal for m in model.modules() if isinstance(getattr(m, 'is_causal', None), bool)}
+    gen = getattr(model, 'can_generate', None)
+    if True in flags or (callable(gen) and gen()): return True
+    return False if flags or hasattr(model, 'config') else None
+
+def _layer_lists(model):
+    "The lists of repeated blocks in `model`'s language model, longest first; `ValueError` for a model that is not a decoder"
+    names = set(getattr(model, '_no_split_modules', None) or [])
+    if _is_decoder(model) is False:
+        rep = [type(l[0]).__name__ for l in sorted(_block_lists(model, names) or _block_lists(model), key=len, reverse=True)]
+        raise ValueError(f'{type(model).__name__} is not a decoder: none of its attention modules is causal and it cannot generate. '
+                         'decoder_layer_class is for causal LMs (AutoModelForCausalLM, load_model) and vision-language models: load a decoder '
+                         'with its causal-LM class' + (f', or, to shard this encoder, wrap its repeated block ({rep[0]}) yourself' if rep else ''))
+    dec = _decoder_of(model)
+    lists = _block_lists(dec, names) or _block_lists(dec)
+    if not lists: raise ValueError(f'no repeated layer found in {type(model).__name__}: it has no nn.ModuleList of repeated blocks')
+    return sorted(lists, key=len, reverse=True)
 
 def decoder_layer_class(model):
-    "The repeated decoder-layer class of `model`, from `_no_split_modules` or else its longest uniform `nn.ModuleList`"
+    "The class of the repeated decoder layer of `model`'s language model (`model` a causal LM, a bare decoder or a vision-language model)"
     if not isinstance(model, nn.Module):
         raise TypeError(f'decoder_layer_class needs a model (an nn.Module), got {type(model).__name__} {str(model)[:40]!r}: '
                         "build or load one first, e.g. tiny_model('llama') or load_model(name); for a config, AutoModelForCausalLM.from_config(config)")
+    return Counter(type(c) for c in _layer_lists(model)[0]).most_common(1)[0][0]
+
+def layer_classes(model):
+    "Every class of repeated block that FSDP should wrap as a unit of its own: `decoder_layer_class(model)` first, then the others (e.g. a vision tower's)"
+    classes = [decoder_layer_class(model)]
     names = set(getattr(model, '_no_split_modules', None) or [])
-    repeated = _repeated_layer_class(model)
-    if repeated is not None and repeated.__name__ in names: return repeated
-    found = [type(m) for m in model.modules() if type(m).__name__ in names]
-    if found: return Counter(found).most_common(1)[0][0]
-    if repeated is None: raise ValueError(f'no repeated layer found in {type(model).__name__}: it has no nn.ModuleList of one class')
-    return repeated
+    for blocks in _block_lists(model, names) or _block_lists(model):
+        classes += [c for c in dict.fromkeys(type(b) for b in blocks) if c not in classes]
+    return classes
 
 # %% ../nbs/01_models.ipynb #4bad267d
 class ModelNotFound(OSError):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from safetensors.torch import load_file, save_file
-from .core import (set_seed, get_device, default_dtype, train_steps, loop_state, SCHEDULES,
+from .core import (set_seed, get_device, default_dtype, train_steps, loop_state, model_device, SCHEDULES,
                                OPTIMIZER_NAMES, human_bytes, Timer, MemoryMeter, smooth)
 from .models import load_model, load_tokenizer
 from .data import (BUILTIN_DATASETS, builtin_dataset, read_instructions, tokenize_chats, pad_collate, answer_accuracy)
@@ -172,7 +172,7 @@ def epoch_batches(examples, batch_size, pad_id, seed=0):
 @torch.no_grad()
 def token_nll(model, examples, batch_size=8, pad_id=0):
     "(summed cross-entropy, count) over the label tokens (labels != -100, shifted as in training) of tokenized `examples`"
-    was_training, device = model.training, next(model.parameters()).device
+    was_training, device = model.training, model_device(model)
     model.eval()
     total, count = 0.0, 0
     try:

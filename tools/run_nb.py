@@ -11,7 +11,7 @@ To bring back GPU outputs from a copy executed on a GPU machine (`tools/gpu_test
 `--outputs-from DIR`: the flagged cells of each notebook take their outputs from DIR/<same name>.ipynb
 (matched by cell id) before the rest is executed here. GPU cells should print the device they ran on.
 
-Usage: python tools/run_nb.py NOTEBOOK [NOTEBOOK ...] [--flags "cuda multigpu"] [--outputs-from DIR]
+Usage: python tools/run_nb.py NOTEBOOK [NOTEBOOK ...] [--flags "cuda multigpu"] [--outputs-from DIR] [--only ID,ID,...]
 """
 import argparse, os, re, sys
 from pathlib import Path
@@ -52,7 +52,7 @@ class Shell(CaptureShell):
         if raw_cell.rstrip().endswith(';'): raw_cell = raw_cell + '\npass'
         return super()._run(raw_cell, *args, **kwargs)
 
-def run_notebook(path, force=(), outputs_from=None):
+def run_notebook(path, force=(), outputs_from=None, only=None):
     skip = set(get_config().tst_flags.split()) - set(force)
     nb = read_nb(path)
     if outputs_from:
@@ -60,7 +60,7 @@ def run_notebook(path, force=(), outputs_from=None):
         if not other.exists(): sys.exit(f'--outputs-from: {other} does not exist')
         print(f'  {copy_flagged_outputs(nb, other)} flagged cells take their outputs from {other}')
     def preproc(cell):
-        if cell.cell_type != 'code': return True
+        if cell.cell_type != 'code' or (only and cell.get('id') not in only): return True
         flags = cell_flags(cell.source)
         if flags & skip or {'eval:', 'false'} <= flags: return True   # `#| eval: false`: never run here (nbdev_test skips it too)
         cell.outputs = []
@@ -79,10 +79,12 @@ def main():
     p.add_argument('notebooks', nargs='+', help='notebooks to execute in place')
     p.add_argument('--flags', default='', help='space-separated test flags whose cells should run too, e.g. "cuda multigpu"')
     p.add_argument('--outputs-from', default=None, help='folder of GPU-executed copies whose flagged-cell outputs to keep')
+    p.add_argument('--only', default=None, help='comma-separated cell ids: run only these cells (the others keep their outputs), e.g. the '
+                   'setup cells a notebook\'s GPU cells need, and the GPU cells')
     a = p.parse_args()
     for fn in a.notebooks:
         print(f'running {fn}', flush=True)
-        run_notebook(Path(fn).resolve(), a.flags.split(), a.outputs_from)
+        run_notebook(Path(fn).resolve(), a.flags.split(), a.outputs_from, a.only and set(a.only.split(',')))
     print('done')
 
 if __name__ == '__main__': main()
