@@ -6,6 +6,7 @@ Llama-2-70B-shaped model on one GPU with CPU offload.
     python tools/bench_fsdp.py all [--peer .peer/hf_fsdp_qlora.py]       # 8B checkpoint, ours, the recipe: JSON lines, then a table
     python tools/bench_fsdp.py ours --model /tmp/llama-8b-random [--offload] [--runs '[[1, 2048], [4, 2048]]']
     python tools/bench_fsdp.py ours --model random:llama-2-70b --offload --runs '[[1, 2048]]'
+    python tools/bench_fsdp.py all --nproc 2 [--train_type qdora]       # the same on two GPUs (one process each)
 
 Every run: NF4 + double quantization, LoRA r=16 alpha 32 on q,k,v,o,gate,up,down, gradient checkpointing, torch AdamW lr 1e-4,
 no clipping, labels = inputs, 3 warm-up then 5 timed steps; tokens/s over the timed steps; peak GPU memory =
@@ -17,7 +18,7 @@ import argparse, json, os, subprocess, sys, time
 TARGETS = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']
 CKPT = '/tmp/llama-8b-random'
 
-def ours(model, runs, offload, warm=3, steps=5):
+def ours(model, runs, offload, train_type='qlora', warm=3, steps=5):
     "One process under torchrun: build the sharded QLoRA model and time `train_steps` on random tokens"
     import torch
     from qlora_course.core import train_steps, reset_peak_rss, peak_rss, set_seed
@@ -27,7 +28,7 @@ def ours(model, runs, offload, warm=3, steps=5):
     set_seed(0)
     shard = shard_fn(make_mesh('full_shard', world, device.type), 'full_shard', torch.bfloat16, offload)
     reset_peak_rss(); t = time.time()
-    m = build_sharded(model, 'qlora', shard, device, torch.bfloat16, 16, 32, 0.0, TARGETS, use_gradient_checkpointing=True)
+    m = build_sharded(model, train_type, shard, device, torch.bfloat16, 16, 32, 0.0, TARGETS, use_gradient_checkpointing=True)
     m.compute_device = device
     load_s, load_rss = time.time() - t, peak_rss()
     vocab = m.config.vocab_size
@@ -38,15 +39,15 @@ def ours(model, runs, offload, warm=3, steps=5):
         losses = train_steps(m, lambda i: {'input_ids': x, 'labels': x}, warm + steps, lr=1e-4, grad_clip=0, progress=False,
                              on_step=lambda loop: stamps.append(time.perf_counter()))
         dt = stamps[-1] - stamps[warm - 1]
-        print(json.dumps(dict(path='course FSDP2' + (' + CPU offload' if offload else ''), model=model, world=world, bs=bs, seq=seq,
+        if rank == 0: print(json.dumps(dict(path=f'course FSDP2 {train_type}' + (' + CPU offload' if offload else ''), model=model, world=world, bs=bs, seq=seq,
                               tokens_per_s=round(world * bs * seq * steps / dt), step_s=round(dt / steps, 2),
                               peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                               reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
                               load_s=round(load_s), load_rss_gib=round(load_rss / 2**30, 1), rss_gib=round(peak_rss() / 2**30, 1),
                               loss=round(losses[-1], 3))), flush=True)
 
-def torchrun(args, env=None):
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '1', *args]
+def torchrun(args, env=None, nproc=1):
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(nproc), *args]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if out.returncode: print(out.stderr[-4000:], file=sys.stderr)
     return [json.loads(l) for l in out.stdout.splitlines() if l.startswith('{')]
@@ -75,19 +76,22 @@ def main():
     p.add_argument('--model', default=CKPT, help='a checkpoint folder or random:<catalog shape>')
     p.add_argument('--runs', default='[[1, 2048], [4, 2048]]', help='JSON list of [batch, seq]')
     p.add_argument('--offload', action='store_true', help='CPU offload of the sharded weights and optimizer')
+    p.add_argument('--nproc', type=int, default=1, help='processes (one per GPU); batch sizes are per process')
+    p.add_argument('--train_type', default='qlora', choices=('qlora', 'qdora'), help='our path only; the recipe is QLoRA')
     p.add_argument('--peer', default='.peer/hf_fsdp_qlora.py', help="the Hugging Face FSDP1 recipe (a copy of ../shared/peer/hf_fsdp_qlora.py)")
     a = p.parse_args()
     runs = json.loads(a.runs)
     if a.what == 'ours':
-        if 'RANK' not in os.environ:   # start ourselves under torchrun: one process, NCCL, world size 1
-            for r in torchrun([__file__, *sys.argv[1:]]): print(json.dumps(r), flush=True)
-        else: ours(a.model, runs, a.offload)
+        if 'RANK' not in os.environ:   # start ourselves under torchrun: --nproc processes, NCCL
+            for r in torchrun([__file__, *sys.argv[1:]], nproc=a.nproc): print(json.dumps(r), flush=True)
+        else: ours(a.model, runs, a.offload, a.train_type)
         return
     make_checkpoint(os.path.dirname(a.peer))
-    rows = torchrun([__file__, 'ours', '--model', CKPT, '--runs', a.runs])
+    rows = torchrun([__file__, 'ours', '--model', CKPT, '--runs', a.runs, '--train_type', a.train_type], nproc=a.nproc)
     for bs, seq in runs:
         assert seq == 2048, 'the recipe runs sequences of 2048'
-        for r in torchrun([a.peer], env=dict(ACCELERATE_USE_FSDP='1', FSDP_CPU_RAM_EFFICIENT_LOADING='1', OFFLOAD='0', BS=str(bs))):
+        for r in torchrun([a.peer], env=dict(ACCELERATE_USE_FSDP='1', FSDP_CPU_RAM_EFFICIENT_LOADING='1', OFFLOAD='0', BS=str(bs)), nproc=a.nproc):
+            if r.get('rank', 0): continue     # one row per run: rank 0's
             rows.append(dict(path='Hugging Face FSDP1 recipe', model=CKPT, world=r['world'], bs=r['bs'], seq=r['seq'],
                              tokens_per_s=r['tokens_per_s_total'], peak_gib=r['peak_gib'], reserved_gib=r['reserved_gib'],
                              load_s=r['load_s'], rss_gib=r['cpu_maxrss_gib'], loss=r['loss']))
