@@ -5,10 +5,11 @@
 # %% auto #0
 __all__ = ['GiB', 'CATALOG', 'ALIASES', 'SUPPORTED', 'DTYPE_BYTES', 'METHODS', 'OPTIMIZERS', 'SHARDING', 'ATTN_PARTS', 'TERMS',
            'WORKSPACE', 'CUDA_CONTEXT', 'NCCL_BUFFERS', 'ALLOCATOR_SLACK', 'GPUS', 'get_config', 'Shape', 'shape_of',
-           'linears', 'count_params', 'param_counts', 'quant_bytes', 'bits_per_param', 'adapted', 'adapter_params',
-           'Setup', 'make_setup', 'attention_kernel', 'layer_activations', 'layer_backward_extra', 'dora_forward_temp',
-           'Estimate', 'estimate', 'MemoryTracker', 'cuda_kernel_choice', 'model_bytes', 'prepare_run', 'measure',
-           'gpu_bytes', 'Fit', 'fits', 'max_batch', 'plot_breakdown', 'plot_vs_seq', 'calculator']
+           'linears', 'count_params', 'param_counts', 'quant_bytes', 'bits_per_param', 'adapted', 'galore_state_numel',
+           'galore_terms', 'adapter_params', 'Setup', 'make_setup', 'attention_kernel', 'layer_activations',
+           'layer_backward_extra', 'dora_forward_temp', 'Estimate', 'estimate', 'MemoryTracker', 'cuda_kernel_choice',
+           'model_bytes', 'prepare_run', 'measure', 'gpu_bytes', 'Fit', 'fits', 'max_batch', 'plot_breakdown',
+           'plot_vs_seq', 'calculator']
 
 # %% ../nbs/03_vram.ipynb #fd16a6f7
 import contextlib, gc, math, os, re, tempfile, time, warnings, weakref
@@ -171,6 +172,7 @@ OPTIMIZERS = {   # name -> (state bytes, step temporary bytes) per trainable par
     'paged_adamw':     (lambda p: 0, lambda p: 0),
     'paged_adamw8bit': (lambda p: 0, lambda p: 0),
     'sgd':             (lambda p: 0, lambda p: 0),
+    'galore':          (None, None),                              # depends on the weights' shapes: `galore_terms`
 }
 SHARDING = (None, 'ddp', 'fsdp', 'fsdp_grad_op')
 
@@ -185,6 +187,25 @@ def adapted(s: Shape, targets='all-linear'):
     bad = names - {n for n, *_ in lin}
     if bad: raise ValueError(f'unknown target modules {sorted(bad)}: this model has {[n for n, *_ in lin]}')
     return [l for l in lin if l[0] in names]
+
+def galore_state_numel(m, n, rank):
+    "Elements GaLore-AdamW keeps for an (m, n) weight: two moments of its rank-`rank` projected gradient and the projector (AdamW's 2mn if rank >= min(m, n))"
+    if rank >= min(m, n): return 2 * m * n                        # nothing to project: plain AdamW
+    return rank * (2 * max(m, n) + min(m, n))
+
+def galore_terms(model, rank, p=2):
+    "(optimizer states, largest step temporaries) in bytes of GaLore-AdamW over a full fine-tune of `model`, in `p`-byte tensors"
+    s = shape_of(model)
+    mats = [(o, i) for _, i, o, _ in linears(s)]                  # a linear's weight is (out, in)
+    rest = param_counts(s)['total'] - s.layers * sum(m * n for m, n in mats)   # embeddings, norms, biases: AdamW
+    states = p * (s.layers * sum(galore_state_numel(m, n, rank) for m, n in mats) + 2 * rest)
+    proj = [(m, n) for m, n in mats if rank < min(m, n)]
+    plain = max([s.vocab * s.d] + [m * n for m, n in mats if rank >= min(m, n)])
+    # one tensor at a time: AdamW's denominator of a plain tensor, or a projected weight's update projected back beside
+    # the low-rank step; at a refresh, the exact SVD's factors in fp32 (of an fp32 copy of a 16-bit gradient) and the new projector
+    step = max([p * plain] + [p * (m * n + max(m, n) * rank) for m, n in proj])
+    svd = max([4 * (m * n * (p != 4) + (m + n + 1) * min(m, n)) + p * rank * min(m, n) for m, n in proj], default=0)
+    return states, max(step, svd)
 
 def adapter_params(model, r=16, targets='all-linear', dora=False):
     "LoRA parameters (A: r x in, B: out x r), plus DoRA's magnitude vectors (out), over all layers"
@@ -222,6 +243,8 @@ def make_setup(**kw):
     if u.adapter_dtype is None:  # PEFT upcasts adapters to fp32; FSDP wants one dtype per unit, so they stay bf16
         u = replace(u, adapter_dtype=u.dtype if fsdp else 'fp32')
     _check('adapter_dtype', u.adapter_dtype, tuple(DTYPE_BYTES))
+    if u.optimizer == 'galore' and (not u.full or fsdp):
+        raise ValueError("optimizer='galore' projects whole weight gradients: use it with method='full' on one GPU or DDP")
     return u
 
 def _dtypes(s, u):
@@ -355,8 +378,9 @@ def estimate(model='llama-3-8b', method='qlora', batch=1, seq=2048, grad_ckpt=Tr
     # what trains: every parameter (full) or the adapters; their gradients and optimizer states
     n_ad = 0 if u.full else adapter_params(s, u.r, u.targets, u.dora)
     trainable = pc['total'] if u.full else n_ad
-    state_fn, temp_fn = OPTIMIZERS[u.optimizer]
-    AD, G, S, T = n_ad * pb, trainable * pb, trainable * state_fn(pb), trainable * temp_fn(pb)
+    AD, G = n_ad * pb, trainable * pb
+    if u.optimizer == 'galore': S, T = galore_terms(s, u.r, pb)
+    else: S, T = (trainable * f(pb) for f in OPTIMIZERS[u.optimizer])
     # activations: every layer's saved tensors, or with checkpointing each layer's input and one layer recomputed
     n_slide = s.sliding_layers if (s.window and u.seq > s.window) else 0
     kinds = [(m, c) for m, c in ((False, L - n_slide), (True, n_slide)) if c]
@@ -398,6 +422,9 @@ def estimate(model='llama-3-8b', method='qlora', batch=1, seq=2048, grad_ckpt=Tr
     if u.optimizer.startswith('paged'):
         notes.append('Note: paged optimizer states live in CUDA managed memory, which the driver moves to CPU RAM '
                      'under pressure; they are not counted.')
+    if u.optimizer == 'galore':
+        notes.append(f'Note: GaLore at rank {u.r}; its refresh is counted with an exact SVD (a randomized one needs less), '
+                     "not counting the SVD solver's own workspace.")
     return Estimate(name, u, phase, terms, {k: sum(v.values()) for k, v in phases.items()}, pc, notes)
 
 def _distribute(t, u, s, phase, W, w_root, w_layer, G, root_grads):
@@ -519,10 +546,11 @@ def prepare_run(model, method='qlora', grad_ckpt=True, r=16, targets='all-linear
 
 def measure(model, batch=1, seq=2048, steps=3, lr=1e-5, optimizer='adamw', track=False, keep_outputs=False, clip=True,
             device=None):
-    "Peak memory (bytes) of `steps` steps of `core.train_steps` on random tokens: overall, per phase, and static"
+    "Peak memory (bytes) of `steps` steps of `core.train_steps` on random tokens (`optimizer`: a name or a factory): overall, per phase, and static"
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     gpu = dev.type == 'cuda'
-    _check('optimizer', optimizer, tuple(OPTIMIZERS))
+    if optimizer == 'galore': raise ValueError('measure: pass GaLore as a factory, galore.galore_optimizer(model, ...)')
+    if not callable(optimizer): _check('optimizer', optimizer, tuple(OPTIMIZERS))
     cfg = getattr(model, 'module', model).config                         # DDP keeps the model in `.module`
     x = torch.randint(0, cfg.get_text_config().vocab_size, (batch, seq), device=dev)
     gc.collect()      # an earlier 4-bit model can linger: bitsandbytes' Params4bit sits in a reference cycle
@@ -538,7 +566,8 @@ def measure(model, batch=1, seq=2048, steps=3, lr=1e-5, optimizer='adamw', track
         out = model(**b); phases.append({'forward': mark()})
         if keep_outputs: kept.append(out)
         return out.loss
-    opt = lambda ps: make_optimizer(ps, optimizer, lr, **({'foreach': True} if optimizer == 'adamw' else {}))   # foreach: as torch picks on CUDA
+    opt = optimizer if callable(optimizer) else (   # a factory as is; a name with foreach AdamW, as torch picks on CUDA
+        lambda ps: make_optimizer(ps, optimizer, lr, **({'foreach': True} if optimizer == 'adamw' else {})))
     t0 = time.time()
     with (contextlib.nullcontext() if gpu else cuda_kernel_choice()), (tracker if track or not gpu else contextlib.nullcontext()):
         if gpu: torch.cuda.reset_peak_memory_stats()
