@@ -6,7 +6,7 @@ Llama-2-70B-shaped model on one GPU with CPU offload.
     python tools/bench_fsdp.py all [--peer .peer/hf_fsdp_qlora.py]       # 8B checkpoint, ours, the recipe: JSON lines, then a table
     python tools/bench_fsdp.py ours --model /tmp/llama-8b-random [--offload] [--runs '[[1, 2048], [4, 2048]]']
     python tools/bench_fsdp.py ours --model random:llama-2-70b --offload --runs '[[1, 2048]]'
-    python tools/bench_fsdp.py all --nproc 2 [--train_type qdora]       # the same on two GPUs (one process each)
+    python tools/bench_fsdp.py all --gpus 2 [--train_type qdora]       # the same on two GPUs (one process each)
 
 Every run: NF4 + double quantization, LoRA r=16 alpha 32 on q,k,v,o,gate,up,down, gradient checkpointing, torch AdamW lr 1e-4,
 no clipping, labels = inputs, 3 warm-up then 5 timed steps; tokens/s over the timed steps; peak GPU memory =
@@ -76,21 +76,21 @@ def main():
     p.add_argument('--model', default=CKPT, help='a checkpoint folder or random:<catalog shape>')
     p.add_argument('--runs', default='[[1, 2048], [4, 2048]]', help='JSON list of [batch, seq]')
     p.add_argument('--offload', action='store_true', help='CPU offload of the sharded weights and optimizer')
-    p.add_argument('--nproc', type=int, default=1, help='processes (one per GPU); batch sizes are per process')
+    p.add_argument('--gpus', type=int, default=1, help='processes, one per GPU (batch sizes are per process); not --nproc, which torchrun would take for its own')
     p.add_argument('--train_type', default='qlora', choices=('qlora', 'qdora'), help='our path only; the recipe is QLoRA')
     p.add_argument('--peer', default='.peer/hf_fsdp_qlora.py', help="the Hugging Face FSDP1 recipe (a copy of ../shared/peer/hf_fsdp_qlora.py)")
     a = p.parse_args()
     runs = json.loads(a.runs)
     if a.what == 'ours':
-        if 'RANK' not in os.environ:   # start ourselves under torchrun: --nproc processes, NCCL
-            for r in torchrun([__file__, *sys.argv[1:]], nproc=a.nproc): print(json.dumps(r), flush=True)
+        if 'RANK' not in os.environ:   # start ourselves under torchrun: --gpus processes, NCCL
+            for r in torchrun([__file__, *sys.argv[1:]], nproc=a.gpus): print(json.dumps(r), flush=True)
         else: ours(a.model, runs, a.offload, a.train_type)
         return
     make_checkpoint(os.path.dirname(a.peer))
-    rows = torchrun([__file__, 'ours', '--model', CKPT, '--runs', a.runs, '--train_type', a.train_type], nproc=a.nproc)
+    rows = torchrun([__file__, 'ours', '--model', CKPT, '--runs', a.runs, '--train_type', a.train_type], nproc=a.gpus)
     for bs, seq in runs:
         assert seq == 2048, 'the recipe runs sequences of 2048'
-        for r in torchrun([a.peer], env=dict(ACCELERATE_USE_FSDP='1', FSDP_CPU_RAM_EFFICIENT_LOADING='1', OFFLOAD='0', BS=str(bs)), nproc=a.nproc):
+        for r in torchrun([a.peer], env=dict(ACCELERATE_USE_FSDP='1', FSDP_CPU_RAM_EFFICIENT_LOADING='1', OFFLOAD='0', BS=str(bs)), nproc=a.gpus):
             if r.get('rank', 0): continue     # one row per run: rank 0's
             rows.append(dict(path='Hugging Face FSDP1 recipe', model=CKPT, world=r['world'], bs=r['bs'], seq=r['seq'],
                              tokens_per_s=r['tokens_per_s_total'], peak_gib=r['peak_gib'], reserved_gib=r['reserved_gib'],
