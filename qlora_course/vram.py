@@ -5,11 +5,11 @@
 # %% auto #0
 __all__ = ['GiB', 'CATALOG', 'ALIASES', 'SUPPORTED', 'DTYPE_BYTES', 'METHODS', 'OPTIMIZERS', 'SHARDING', 'ATTN_PARTS', 'TERMS',
            'WORKSPACE', 'CUDA_CONTEXT', 'NCCL_BUFFERS', 'ALLOCATOR_SLACK', 'GPUS', 'get_config', 'Shape', 'shape_of',
-           'linears', 'count_params', 'param_counts', 'quant_bytes', 'bits_per_param', 'adapted', 'galore_state_numel',
-           'galore_terms', 'adapter_params', 'Setup', 'make_setup', 'attention_kernel', 'layer_activations',
-           'layer_backward_extra', 'dora_forward_temp', 'Estimate', 'estimate', 'MemoryTracker', 'cuda_kernel_choice',
-           'model_bytes', 'prepare_run', 'measure', 'gpu_bytes', 'Fit', 'fits', 'max_batch', 'plot_breakdown',
-           'plot_vs_seq', 'calculator']
+           'linears', 'component_params', 'param_counts', 'quant_bytes', 'nf4_bits_per_param', 'adapted',
+           'galore_state_numel', 'galore_terms', 'adapter_params', 'Setup', 'make_setup', 'attention_kernel',
+           'layer_activations', 'layer_backward_extra', 'dora_forward_temp', 'Estimate', 'estimate', 'MemoryTracker',
+           'cuda_kernel_choice', 'model_bytes', 'prepare_run', 'measure', 'gpu_bytes', 'Fit', 'fits', 'max_batch',
+           'plot_breakdown', 'plot_vs_seq', 'calculator']
 
 # %% ../nbs/03_vram.ipynb #fd16a6f7
 import contextlib, gc, math, os, re, tempfile, time, warnings, weakref
@@ -119,7 +119,7 @@ def linears(s: Shape):
     mlp.append(('down_proj', s.ff, s.d, s.mlp_bias))
     return attn + mlp
 
-def count_params(model):
+def component_params(model):
     "Parameters of a real model (or of any config, built on the meta device) by component, read from module names"
     if not isinstance(model, torch.nn.Module):
         from transformers import AutoModelForCausalLM
@@ -137,7 +137,7 @@ def count_params(model):
 def param_counts(model):
     "Parameters per component: embeddings, attention, MLP, norms, lm_head (0 when tied), and the total"
     if not isinstance(model, Shape) and get_config(model).model_type not in SUPPORTED:
-        return count_params(model)                 # an architecture the formula does not know: count a meta model
+        return component_params(model)                 # an architecture the formula does not know: count a meta model
     s = shape_of(model)
     lin = lambda names: sum(i * o + (o if b else 0) for n, i, o, b in linears(s) if n in names)
     attn = lin({'q_proj', 'k_proj', 'v_proj', 'qkv_proj', 'o_proj'}) + (2 * s.head_dim if s.qk_norm else 0)
@@ -160,7 +160,7 @@ def quant_bytes(n, quant='nf4', double_quant=True, blocksize=64, blocksize2=256)
     blocks2 = math.ceil(blocks / blocksize2)
     return codes + blocks + 4 * blocks2 + 4 + 256 * 4 + table  # uint8 absmax, their fp32 absmax, offset, 8-bit code
 
-def bits_per_param(double_quant=True, blocksize=64, blocksize2=256):
+def nf4_bits_per_param(double_quant=True, blocksize=64, blocksize2=256):
     "Average bits per weight of bitsandbytes' 4-bit storage, for large matrices"
     return 4 + (8 / blocksize + 32 / (blocksize * blocksize2) if double_quant else 32 / blocksize)
 
