@@ -7,9 +7,9 @@ __all__ = ['GiB', 'CATALOG', 'ALIASES', 'SUPPORTED', 'DTYPE_BYTES', 'METHODS', '
            'WORKSPACE', 'CUDA_CONTEXT', 'NCCL_BUFFERS', 'ALLOCATOR_SLACK', 'GPUS', 'get_config', 'Shape', 'shape_of',
            'linears', 'component_params', 'param_counts', 'quant_bytes', 'nf4_bits_per_param', 'adapted',
            'galore_state_numel', 'galore_terms', 'adapter_params', 'Setup', 'make_setup', 'attention_kernel',
-           'layer_activations', 'layer_backward_extra', 'dora_forward_temp', 'Estimate', 'estimate', 'MemoryTracker',
-           'cuda_kernel_choice', 'model_bytes', 'prepare_run', 'measure', 'gpu_bytes', 'Fit', 'fits', 'max_batch',
-           'plot_breakdown', 'plot_vs_seq', 'calculator']
+           'layer_activations', 'layer_backward_extra', 'dora_forward_temp', 'dequant_temp', 'Estimate', 'estimate',
+           'MemoryTracker', 'cuda_kernel_choice', 'model_bytes', 'prepare_run', 'measure', 'gpu_bytes', 'Fit', 'fits',
+           'max_batch', 'plot_breakdown', 'plot_vs_seq', 'calculator']
 
 # %% ../nbs/03_vram.ipynb #fd16a6f7
 import contextlib, gc, math, os, re, tempfile, time, warnings, weakref
@@ -240,7 +240,7 @@ def make_setup(**kw):
     fsdp = u.sharding in ('fsdp', 'fsdp_grad_op')
     if u.upcast is None:         # prepare_model_for_kbit_training: the single-GPU QLoRA recipe; FSDP recipes skip it
         u = replace(u, upcast=u.quantized and not fsdp)
-    if u.adapter_dtype is None:  # PEFT upcasts adapters to fp32; FSDP wants one dtype per unit, so they stay bf16
+    if u.adapter_dtype is None:  # PEFT upcasts adapters to fp32; under FSDP2 they compute in bf16 (their fp32 masters: `estimate`)
         u = replace(u, adapter_dtype=u.dtype if fsdp else 'fp32')
     _check('adapter_dtype', u.adapter_dtype, tuple(DTYPE_BYTES))
     if u.optimizer == 'galore' and (not u.full or fsdp):
@@ -324,6 +324,12 @@ def dora_forward_temp(s, u, tokens):
     combine = max(3 * 4 * o for _, i, o, _ in mods) * tokens             # (m/|W'| - 1) * base, m/|W'| * lora * s
     return max(weight_norm, combine)
 
+def dequant_temp(s, u, chunk=2**24, blocksize=64):
+    "Bytes the course's `NF4Linear` (the FSDP path) holds while it dequantizes its largest weight: the dense weight in the compute dtype, the fp32 block scales, one chunk's int64 indices and fp32 values"
+    if not (u.quantized and u.sharding in ('fsdp', 'fsdp_grad_op')): return 0
+    n = max(i * o for _, i, o, _ in linears(s))
+    return n * DTYPE_BYTES[u.dtype] + 4 * -(-n // blocksize) + 8 * min(n, chunk)
+
 # %% ../nbs/03_vram.ipynb #d32d96d7
 TERMS = ('weights', 'gathered weights', 'adapters', 'gradients', 'optimizer states', 'optimizer temporaries',
          'DDP buckets', 'activations', 'layer recompute', 'backward temporaries', 'logits & loss', 'workspace')
@@ -366,6 +372,9 @@ def estimate(model='llama-3-8b', method='qlora', batch=1, seq=2048, grad_ckpt=Tr
     s = shape_of(model)
     name = model if isinstance(model, str) else s.arch
     wb, ob, a, pb = _dtypes(s, u)
+    fsdp = u.sharding in ('fsdp', 'fsdp_grad_op')
+    sb = 4 if fsdp and not u.full else pb     # stored bytes per trainable: qlora_course.fsdp keeps fp32 adapters, and
+                                              # MixedPrecisionPolicy gives the forward and backward bf16 copies
     pc, N, V, L = param_counts(s), u.tokens, s.vocab, s.layers
     # weights: the decoder layers' linears (4-bit or `dtype`), and the rest (embeddings, norms, lm_head)
     if u.quantized:
@@ -378,9 +387,9 @@ def estimate(model='llama-3-8b', method='qlora', batch=1, seq=2048, grad_ckpt=Tr
     # what trains: every parameter (full) or the adapters; their gradients and optimizer states
     n_ad = 0 if u.full else adapter_params(s, u.r, u.targets, u.dora)
     trainable = pc['total'] if u.full else n_ad
-    AD, G = n_ad * pb, trainable * pb
-    if u.optimizer == 'galore': S, T = galore_terms(s, u.r, pb)
-    else: S, T = (trainable * f(pb) for f in OPTIMIZERS[u.optimizer])
+    AD, G = n_ad * sb, trainable * sb
+    if u.optimizer == 'galore': S, T = galore_terms(s, u.r, sb)
+    else: S, T = (trainable * f(sb) for f in OPTIMIZERS[u.optimizer])
     # activations: every layer's saved tensors, or with checkpointing each layer's input and one layer recomputed
     n_slide = s.sliding_layers if (s.window and u.seq > s.window) else 0
     kinds = [(m, c) for m, c in ((False, L - n_slide), (True, n_slide)) if c]
@@ -393,6 +402,7 @@ def estimate(model='llama-3-8b', method='qlora', batch=1, seq=2048, grad_ckpt=Tr
     dora_temp = dora_forward_temp(s, u, N)
     bwd_temp = N * max(layer_backward_extra(s, u, m) for m, _ in kinds)
     if u.grad_ckpt: bwd_temp = max(bwd_temp, dora_temp)      # the recomputed forward runs DoRA's temporaries again
+    bwd_temp = max(bwd_temp, dequant_temp(s, u))              # a 4-bit weight dequantized for the (recomputed) forward or backward
     root_grads = V * s.d * pb if u.full else 0                # lm_head's gradient (tied or not) ...
     top_grads = root_grads + G // L                           # ... and the last layer's
     # logits: lm_head's output, its fp32 copy and log-softmax in the forward; three fp32 copies in the loss's backward
@@ -438,8 +448,10 @@ def _distribute(t, u, s, phase, W, w_root, w_layer, G, root_grads):
     # FSDP2: `fully_shard` on each decoder layer, then on the root (embeddings, final norm, lm_head)
     for k in ('weights', 'adapters', 'optimizer states', 'optimizer temporaries'):
         if k in t: t[k] = 0 if u.cpu_offload else t[k] / n
-    if u.sharding == 'fsdp':   # full shard: the root stays gathered through the backward; a layer and the next one
-        t['gathered weights'] = w_root + 2 * w_layer if training else 0
+    if u.sharding == 'fsdp':   # full shard: the root stays gathered through the backward, with the layer that runs and, on
+        ahead = n > 1          # several GPUs, the next one, prefetched (a group of one prefetches nothing); at the loss's
+        layers = ahead if phase == 'loss backward' else 1 + ahead   # backward, only the last layer's prefetch is there
+        t['gathered weights'] = w_root + layers * w_layer if training else 0
     else:                      # shard-grad-op: every layer stays gathered from its forward to its backward
         t['gathered weights'] = W if training else 0
     if phase == 'last layer backward':   # the root's gradients wait, unsharded, for the root's reduce-scatter; a
