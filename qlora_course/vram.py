@@ -220,6 +220,7 @@ class Setup:
     r: int = 16; targets: object = 'all-linear'; dtype: str = 'bf16'; quant: str = 'nf4'; double_quant: bool = True
     upcast: bool = None; adapter_dtype: str = None; optimizer: str = 'adamw'; attn: str = 'sdpa'
     n_gpus: int = 1; sharding: str = None; cpu_offload: bool = False; keep_logits: bool = False; device: str = 'cuda'
+    accum: int = 1
     @property
     def quantized(self): return self.method in ('qlora', 'qdora')
     @property
@@ -235,7 +236,7 @@ def make_setup(**kw):
     _check('method', u.method, METHODS); _check('optimizer', u.optimizer, tuple(OPTIMIZERS))
     _check('dtype', u.dtype, ('bf16', 'fp16', 'fp32')); _check('attn', u.attn, ('sdpa', 'flash_attention_2', 'eager'))
     _check('sharding', u.sharding, SHARDING); _check('device', u.device, ('cuda', 'cpu'))
-    if u.batch < 1 or u.seq < 1 or u.n_gpus < 1: raise ValueError('batch, seq and n_gpus must be positive integers')
+    if min(u.batch, u.seq, u.n_gpus, u.accum) < 1: raise ValueError('batch, seq, n_gpus and accum must be positive integers')
     if u.sharding is None and u.n_gpus > 1: u = replace(u, sharding='ddp')
     fsdp = u.sharding in ('fsdp', 'fsdp_grad_op')
     if u.upcast is None:         # prepare_model_for_kbit_training: the single-GPU QLoRA recipe; FSDP recipes skip it
@@ -331,7 +332,7 @@ def dequant_temp(s, u, chunk=2**24, blocksize=64):
     return n * DTYPE_BYTES[u.dtype] + 4 * -(-n // blocksize) + 8 * min(n, chunk)
 
 # %% ../nbs/03_vram.ipynb #d32d96d7
-TERMS = ('weights', 'gathered weights', 'adapters', 'gradients', 'optimizer states', 'optimizer temporaries',
+TERMS = ('weights', 'gathered weights', 'adapters', 'gradients', 'accumulated gradients', 'optimizer states', 'optimizer temporaries',
          'DDP buckets', 'activations', 'layer recompute', 'backward temporaries', 'logits & loss', 'workspace')
 WORKSPACE = 64 * 2**20         # cuBLAS + cuBLASLt workspaces, 32 MiB each on Hopper GPUs
 CUDA_CONTEXT = 700 * 2**20     # outside the allocator: context, kernels, library handles (695 MiB measured on an H100)
@@ -420,6 +421,9 @@ def estimate(model='llama-3-8b', method='qlora', batch=1, seq=2048, grad_ckpt=Tr
     phases['last layer backward'] = OrderedDict(base, **{'gradients': top_grads, 'optimizer states': S, 'activations': acts,
                                                          'layer recompute': recompute, 'backward temporaries': bwd_temp})
     phases['optimizer step'] = OrderedDict(base, **{'gradients': G, 'optimizer states': S, 'optimizer temporaries': T})
+    if u.accum > 1:     # from the second micro-batch on, the gradients summed so far are held through its forward and backward
+        for k, t in phases.items():
+            if k != 'optimizer step': t['accumulated gradients'] = G
     if u.keep_logits:   # `out = model(...)` kept by the loop holds the logits through backward and the next forward
         for t in phases.values(): t['logits & loss'] = t.get('logits & loss', 0) + N * V * ob
     phases = {k: _distribute(v, u, s, k, W, w_root, w_layer, G, root_grads) for k, v in phases.items()}
@@ -430,8 +434,9 @@ def estimate(model='llama-3-8b', method='qlora', batch=1, seq=2048, grad_ckpt=Tr
         notes.append('Note: fp32 activations (the fp32 upcast of `prepare_model_for_kbit_training`) with grouped-query '
                      'attention make sdpa use its math kernel, which keeps a seq x seq softmax per head.')
     if u.optimizer.startswith('paged'):
-        notes.append('Note: paged optimizer states live in CUDA managed memory, which the driver moves to CPU RAM '
-                     'under pressure; they are not counted.')
+        paged = trainable * (8 if u.optimizer == 'paged_adamw' else 2 * (1 + 4 / 256)) / (u.n_gpus if fsdp else 1)
+        notes.append(f'Note: the paged optimizer states ({paged / GiB:.2f} GiB per GPU) live in CUDA managed memory, which the '
+                     'driver moves to CPU RAM under pressure; they are not counted.')
     if u.optimizer == 'galore':
         notes.append(f'Note: GaLore at rank {u.r}; its refresh is counted with an exact SVD (a randomized one needs less), '
                      "not counting the SVD solver's own workspace.")
@@ -446,8 +451,8 @@ def _distribute(t, u, s, phase, W, w_root, w_layer, G, root_grads):
         t['DDP buckets'] = G * (2 if training else 1)   # second step, in the order gradients arrived, holding both sets
         return t
     # FSDP2: `fully_shard` on each decoder layer, then on the root (embeddings, final norm, lm_head)
-    for k in ('weights', 'adapters', 'optimizer states', 'optimizer temporaries'):
-        if k in t: t[k] = 0 if u.cpu_offload else t[k] / n
+    for k in ('weights', 'adapters', 'accumulated gradients', 'optimizer states', 'optimizer temporaries'):
+        if k in t: t[k] = 0 if u.cpu_offload else t[k] / n   # accumulated: reduced to a shard after each micro-batch
     if u.sharding == 'fsdp':   # full shard: the root stays gathered through the backward, with the layer that runs and, on
         ahead = n > 1          # several GPUs, the next one, prefetched (a group of one prefetches nothing); at the loss's
         layers = ahead if phase == 'loss backward' else 1 + ahead   # backward, only the last layer's prefetch is there
@@ -557,7 +562,7 @@ def prepare_run(model, method='qlora', grad_ckpt=True, r=16, targets='all-linear
     return m
 
 def measure(model, batch=1, seq=2048, steps=3, lr=1e-5, optimizer='adamw', track=False, keep_outputs=False, clip=True,
-            device=None):
+            device=None, accum=1):
     "Peak memory (bytes) of `steps` steps of `core.train_steps` on random tokens (`optimizer`: a name or a factory): overall, per phase, and static"
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     gpu = dev.type == 'cuda'
@@ -584,7 +589,7 @@ def measure(model, batch=1, seq=2048, steps=3, lr=1e-5, optimizer='adamw', track
     with (contextlib.nullcontext() if gpu else cuda_kernel_choice()), (tracker if track or not gpu else contextlib.nullcontext()):
         if gpu: torch.cuda.reset_peak_memory_stats()
         losses = train_steps(model, [{'input_ids': x, 'labels': x}], steps, lr=lr, grad_clip=1.0 if clip else 0, loss_fn=forward,
-                             optimizer=opt, schedule='constant', progress=False,
+                             optimizer=opt, schedule='constant', progress=False, accum=accum,
                              before_step=lambda loop: phases[-1].update(backward=mark()),
                              on_step=lambda loop: phases[-1].update({'optimizer step': mark()}))
     model.train()
@@ -642,7 +647,7 @@ def max_batch(model, gpu='H100-80GB', limit=4096, **options):
     return lo
 
 # %% ../nbs/03_vram.ipynb #23d9dddf
-_COLORS = dict(zip(TERMS, ['#4c72b0', '#8fa8d8', '#55a868', '#c44e52', '#dd8452', '#f0b27a', '#937860',
+_COLORS = dict(zip(TERMS, ['#4c72b0', '#8fa8d8', '#55a868', '#c44e52', '#e8a0a2', '#dd8452', '#f0b27a', '#937860',
                            '#8172b3', '#b3a6e0', '#da8bc3', '#ccb974', '#999999']))
 
 def plot_breakdown(estimates, labels=None, ax=None, title=None, gpu=None):
