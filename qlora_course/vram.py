@@ -691,6 +691,7 @@ def calculator():
              method=W.Dropdown(options=METHODS, value='qlora', description='method'),
              gpu=W.Dropdown(options=list(GPUS), value='H100-80GB', description='GPU'),
              batch=W.BoundedIntText(value=1, min=1, max=4096, description='batch'),
+             accum=W.BoundedIntText(value=1, min=1, max=1024, description='grad accum'),
              seq=W.Dropdown(options=[2**i for i in range(8, 18)], value=2048, description='seq'),
              r=W.Dropdown(options=[4, 8, 16, 32, 64, 128, 256], value=16, description='LoRA r'),
              grad_ckpt=W.Checkbox(value=True, description='gradient checkpointing'),
@@ -712,5 +713,5 @@ def calculator():
             except (ValueError, KeyError) as err: print(err)
     for v in w.values(): v.observe(show, 'value')
     display(W.VBox([W.HBox([w['model'], w['method'], w['gpu']]), W.HBox([w['batch'], w['seq'], w['r']]),
-                    W.HBox([w['grad_ckpt'], w['optimizer']]), W.HBox([w['sharding'], w['n_gpus'], w['cpu_offload']]), out]))
+                    W.HBox([w['grad_ckpt'], w['optimizer'], w['accum']]), W.HBox([w['sharding'], w['n_gpus'], w['cpu_offload']]), out]))
     show()
