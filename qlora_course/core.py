@@ -7,11 +7,12 @@ __all__ = ['REPORT_PACKAGES', 'SCHEDULES', 'OPTIMIZER_NAMES', 'pkg_version', 'en
            'display_path', 'set_seed', 'get_device', 'dtype_for_capability', 'default_dtype', 'current_rss',
            'reset_peak_rss', 'peak_rss', 'MemoryMeter', 'Timer', 'lr_multiplier', 'warmup_cosine', 'make_optimizer',
            'hf_loss', 'model_device', 'n_targets', 'Losses', 'rng_state', 'set_rng_state', 'loop_state', 'train_steps',
-           'smooth', 'plot_losses']
+           'smooth', 'plot_losses', 'repo_root', 'save_figure']
 
 # %% ../nbs/00_core.ipynb #725b00db
 import contextlib, copy, functools, logging, math, os, platform, random, re, resource, sys, time, types
 from importlib.metadata import version as _pkg_version, PackageNotFoundError
+from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -340,3 +341,20 @@ def plot_losses(curves, beta=0.9, ax=None, title=None, logy=False):
     if title: ax.set_title(title)
     ax.legend(); ax.grid(alpha=0.3)
     return ax
+
+# %% ../nbs/00_core.ipynb #5a7ef162
+def repo_root(start=None):
+    "The course's repository folder at or above `start` (default: the working directory), or None (Colab, an installed package)"
+    start = Path(start or Path.cwd()).resolve()
+    return next((d for d in (start, *start.parents) if (d / 'settings.ini').exists() and (d / 'qlora_course').is_dir()), None)
+
+def save_figure(fig, name, dpi=100, root=None):
+    "Save matplotlib `fig` as images/`name`.png in the course's repository (`root`, default: found from the working directory); None where there is none"
+    root = root or repo_root()
+    if root is None: return None
+    path = Path(root) / 'images' / f'{name}.png'
+    try:
+        path.parent.mkdir(exist_ok=True)
+        fig.savefig(path, dpi=dpi, bbox_inches='tight', metadata={'Software': None})   # no version stamp: the same bytes each run
+    except OSError: return None       # a read-only checkout: the figure is still shown
+    return path

@@ -5,7 +5,8 @@
 # %% auto #0
 __all__ = ['PEFT_PREFIX', 'lora_scaling', 'base_weight', 'LoRALinear', 'find_targets', 'lora_layers', 'add_lora', 'count_params',
            'lora_state_dict', 'load_lora_state_dict', 'peft_parity', 'four_bit_pair', 'float64_copy', 'bf16_parity',
-           'bf16_markdown', 'check_bf16', 'lora_config', 'save_adapter', 'load_adapter', 'merge_and_unload']
+           'bf16_markdown', 'check_bf16', 'lora_config', 'save_adapter', 'read_adapter_config', 'load_adapter',
+           'merge_and_unload']
 
 # %% ../nbs/05_lora.ipynb #302add3a
 import copy, json, math, re, tempfile
@@ -133,10 +134,8 @@ def lora_layers(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 def add_lora(model, target_modules='all-linear', r=8, lora_alpha=16, lora_dropout=0.0, use_rslora=False,
-             use_dora=False, exclude_modules=None):
-    "Freeze `model` and wrap the linear layers `target_modules` selects in LoRA (or DoRA) adapters, in place"
-    if use_dora: from qlora_course.dora import DoRALinear as layer_cls
-    else: layer_cls = LoRALinear
+             exclude_modules=None, layer_cls=LoRALinear):
+    "Freeze `model` and wrap the linear layers `target_modules` selects in `layer_cls` adapters (LoRALinear or a subclass), in place"
     names = find_targets(model, target_modules, exclude_modules)
     model.requires_grad_(False)
     for name in names:
@@ -183,17 +182,19 @@ def _peft_name(key):
     if key.endswith('lora_magnitude_vector'): return key + '.default.weight'
     return re.sub(r'\.(lora_[AB])\.weight$', r'.\1.default.weight', key)
 
-def peft_parity(ours, theirs, target_modules='all-linear', r=4, lora_alpha=8, seed=0, batch=2, seq=16, reference=None, err=max_rel_err, **kwargs):
+def peft_parity(ours, theirs, target_modules='all-linear', r=4, lora_alpha=8, seed=0, batch=2, seq=16, reference=None, err=max_rel_err,
+                layer_cls=LoRALinear, **kwargs):
     "Adapt identical models `ours` (add_lora) and `theirs` (PEFT) alike; relative differences (`err`) of logits and worst gradients"
     # reference: a function of our adapted model giving a model to measure both sides against (e.g. `float64_copy`; no dropout then)
     from peft import LoraConfig, get_peft_model
     from peft.utils import get_peft_model_state_dict
     set_seed(seed)
-    pm = get_peft_model(theirs, LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=target_modules, init_lora_weights=False, **kwargs))
+    pm = get_peft_model(theirs, LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=target_modules, init_lora_weights=False,
+                                        use_dora=layer_cls.use_dora, **kwargs))
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if 'lora_magnitude_vector' in n: p.mul_(1 + 0.1 * torch.randn_like(p))
-    add_lora(ours, target_modules, r=r, lora_alpha=lora_alpha, **kwargs)
+    add_lora(ours, target_modules, r=r, lora_alpha=lora_alpha, layer_cls=layer_cls, **kwargs)
     load_lora_state_dict(ours, get_peft_model_state_dict(pm, save_embedding_layers=False))
     ids = torch.randint(0, ours.config.vocab_size, (batch, seq), device=next(ours.parameters()).device)
     models, logits = [ours, pm] + ([reference(ours)] if reference else []), []
@@ -296,8 +297,8 @@ _UNSUPPORTED = dict(bias='none', lora_bias=False, fan_in_fan_out=False, modules_
                     alpha_pattern={}, layers_to_transform=None, layer_replication=None, target_parameters=None,
                     trainable_token_indices=None, use_qalora=False, alora_invocation_tokens=None)
 
-def load_adapter(model, path, trainable=False):
-    "Add the adapters saved in PEFT's format at `path` to `model` (frozen unless `trainable`)"
+def read_adapter_config(path):
+    "The adapter_config.json saved in PEFT's format at `path`, checked: a LoRA adapter, beside its weights, using only what we implement"
     path = Path(path)
     cfg_file, weights = path / 'adapter_config.json', path / 'adapter_model.safetensors'
     if not cfg_file.exists() or not weights.exists():
@@ -307,9 +308,17 @@ def load_adapter(model, path, trainable=False):
     if cfg.get('peft_type') != 'LORA': raise ValueError(f"only LoRA/DoRA adapters load here, this one is {cfg.get('peft_type')!r}")
     used = {k: cfg[k] for k, off in _UNSUPPORTED.items() if cfg.get(k) not in (off, None, [], {}, False)}
     if used: raise ValueError(f'the adapter uses {used}, which qlora_course.lora does not implement; load it with peft.PeftModel.from_pretrained')
+    return cfg
+
+def load_adapter(model, path, trainable=False, layer_cls=LoRALinear):
+    "Add the adapters saved in PEFT's format at `path` to `model` as `layer_cls` layers (frozen unless `trainable`)"
+    cfg = read_adapter_config(path)
+    if cfg.get('use_dora', False) != layer_cls.use_dora:
+        raise ValueError(f"the adapter has use_dora={cfg.get('use_dora', False)}, {layer_cls.__name__} use_dora={layer_cls.use_dora}: "
+                         'load DoRA adapters with qlora_course.dora.load_adapter')
     add_lora(model, cfg['target_modules'], r=cfg['r'], lora_alpha=cfg['lora_alpha'], lora_dropout=cfg.get('lora_dropout', 0.0),
-             use_rslora=cfg.get('use_rslora', False), use_dora=cfg.get('use_dora', False), exclude_modules=cfg.get('exclude_modules'))
-    load_lora_state_dict(model, load_file(weights))
+             use_rslora=cfg.get('use_rslora', False), exclude_modules=cfg.get('exclude_modules'), layer_cls=layer_cls)
+    load_lora_state_dict(model, load_file(Path(path) / 'adapter_model.safetensors'))
     for layer in lora_layers(model).values():
         for n, p in layer.named_parameters():
             if not n.startswith('base_layer.'): p.requires_grad_(trainable)

@@ -8,7 +8,8 @@ Usage, from the repo root on a GPU machine:  python tools/bench_quant.py [--out 
 import argparse, traceback
 import torch
 from qlora_course.core import env_markdown
-from qlora_course.quant import FLOAT_DTYPES, compare_with_bnb, benchmark_nf4, benchmark_markdown
+from qlora_course.quant import FLOAT_DTYPES
+from qlora_course.bnb_exact import compare_with_bnb, benchmark_nf4, benchmark_markdown
 
 def exactness():
     "compare_with_bnb over dtypes, block sizes and shapes on the GPU; (number of cases, failures)"

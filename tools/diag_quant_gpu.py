@@ -16,7 +16,8 @@ import torch, triton, triton.language as tl
 import bitsandbytes as bnb, bitsandbytes.functional as BF
 from qlora_course.core import set_seed
 from qlora_course.quant import (FLOAT_DTYPES, NF4_CODE, DYNAMIC_CODE, blocks_of, unpack_4bit, nearest_code, nf4_cuda_bounds,
-                                cuda_reciprocal, compare_with_bnb, quantize_nf4)
+                                cuda_reciprocal, quantize_nf4)
+from qlora_course.bnb_exact import compare_with_bnb
 
 @triton.jit
 def _rcp_ftz(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
@@ -154,7 +155,7 @@ def main():
                                    f'bnb={q_ref[i].item()} ours={q[i].item()}')
     say('\nexamples:'); [say('-', e) for e in ex8]
     # 4. the implementation as a whole
-    say('\n## qlora_course.quant.compare_with_bnb\n')
+    say('\n## qlora_course.bnb_exact.compare_with_bnb\n')
     set_seed(0)
     zero = torch.randn(5, 128); zero[2, :64] = 0
     sub = torch.randn(6, 64); sub[1] *= 1e-39; sub[3, :32] *= 1e-39
