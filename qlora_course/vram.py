@@ -7,9 +7,10 @@ __all__ = ['GiB', 'CATALOG', 'ALIASES', 'SUPPORTED', 'DTYPE_BYTES', 'METHODS', '
            'WORKSPACE', 'CUDA_CONTEXT', 'NCCL_BUFFERS', 'ALLOCATOR_SLACK', 'GPUS', 'get_config', 'Shape', 'shape_of',
            'linears', 'component_params', 'param_counts', 'quant_bytes', 'nf4_bits_per_param', 'adapted',
            'galore_state_numel', 'galore_terms', 'adapter_params', 'Setup', 'make_setup', 'attention_kernel',
-           'layer_activations', 'layer_backward_extra', 'dora_forward_temp', 'dequant_temp', 'Estimate', 'estimate',
-           'MemoryTracker', 'cuda_kernel_choice', 'model_bytes', 'prepare_run', 'measure', 'gpu_bytes', 'Fit', 'fits',
-           'max_batch', 'plot_breakdown', 'plot_vs_seq', 'calculator']
+           'layer_activations', 'layer_backward_extra', 'dora_forward_temp', 'dequant_temp', 'Estimate', 'weight_bytes',
+           'trainable_bytes', 'layer_kinds', 'activation_bytes', 'logits_bytes', 'estimate', 'MemoryTracker',
+           'cuda_kernel_choice', 'model_bytes', 'prepare_run', 'measure', 'gpu_bytes', 'Fit', 'fits', 'max_batch',
+           'plot_breakdown', 'plot_vs_seq', 'calculator']
 
 # %% ../nbs/03_vram.ipynb #fd16a6f7
 import contextlib, gc, math, os, re, tempfile, time, warnings, weakref
@@ -366,57 +367,80 @@ class Estimate:
     def __repr__(self): return self.table().replace('**', '')
     def plot(self, ax=None, title=None, gpu=None): return plot_breakdown([self], ax=ax, title=title, gpu=gpu)
 
-# %% ../nbs/03_vram.ipynb #8f267b5c
-def estimate(model='llama-3-8b', method='qlora', batch=1, seq=2048, grad_ckpt=True, **options):
-    "Predict the peak GPU memory (per GPU) of fine-tuning `model`: an `Estimate` with the terms at the peak"
-    u = make_setup(method=method, batch=batch, seq=seq, grad_ckpt=grad_ckpt, **options)
-    s = shape_of(model)
-    name = model if isinstance(model, str) else s.arch
-    wb, ob, a, pb = _dtypes(s, u)
-    fsdp = u.sharding in ('fsdp', 'fsdp_grad_op')
-    sb = 4 if fsdp and not u.full else pb     # stored bytes per trainable: qlora_course.fsdp keeps fp32 adapters, and
-                                              # MixedPrecisionPolicy gives the forward and backward bf16 copies
-    pc, N, V, L = param_counts(s), u.tokens, s.vocab, s.layers
-    # weights: the decoder layers' linears (4-bit or `dtype`), and the rest (embeddings, norms, lm_head)
-    if u.quantized:
+# %% ../nbs/03_vram.ipynb #e5a70002
+def weight_bytes(s, u):
+    "Bytes of the weights: (all of them, one decoder layer's, the root's: embeddings, final norm and lm_head)"
+    wb, ob, _, _ = _dtypes(s, u)
+    pc = param_counts(s)
+    if u.quantized:   # the decoder layers' linears in 4 bits (codes, block scales, their tables), their biases in `ob`
         w_layer = sum(quant_bytes(i * o, u.quant, u.double_quant) + (o * ob if b else 0) for _, i, o, b in linears(s))
     else:
         w_layer = sum((i * o + (o if b else 0)) * wb for _, i, o, b in linears(s))
     w_layer += (s.norms * s.d + (2 * s.head_dim if s.qk_norm else 0)) * ob
     w_root = (pc['embeddings'] + pc['lm_head'] + s.d) * ob
-    W = L * w_layer + w_root
-    # what trains: every parameter (full) or the adapters; their gradients and optimizer states
+    return s.layers * w_layer + w_root, w_layer, w_root
+
+# %% ../nbs/03_vram.ipynb #e5a70005
+def trainable_bytes(s, u):
+    "What trains and what it holds: (adapters, gradients, optimizer states, optimizer step temporaries) in bytes, and the count"
+    _, _, _, pb = _dtypes(s, u)
+    fsdp = u.sharding in ('fsdp', 'fsdp_grad_op')
+    sb = 4 if fsdp and not u.full else pb     # stored bytes per trainable: qlora_course.fsdp keeps fp32 adapters, and
+                                              # MixedPrecisionPolicy gives the forward and backward bf16 copies
     n_ad = 0 if u.full else adapter_params(s, u.r, u.targets, u.dora)
-    trainable = pc['total'] if u.full else n_ad
-    AD, G = n_ad * sb, trainable * sb
+    trainable = param_counts(s)['total'] if u.full else n_ad
     if u.optimizer == 'galore': S, T = galore_terms(s, u.r, sb)
     else: S, T = (trainable * f(sb) for f in OPTIMIZERS[u.optimizer])
-    # activations: every layer's saved tensors, or with checkpointing each layer's input and one layer recomputed
+    return n_ad * sb, trainable * sb, S, T, trainable
+
+# %% ../nbs/03_vram.ipynb #e5a70008
+def layer_kinds(s, u):
+    "[(masked, how many layers)]: decoder layers with full attention, and sliding-window ones whose mask is materialised"
     n_slide = s.sliding_layers if (s.window and u.seq > s.window) else 0
-    kinds = [(m, c) for m, c in ((False, L - n_slide), (True, n_slide)) if c]
+    return [(m, c) for m, c in ((False, s.layers - n_slide), (True, n_slide)) if c]
+
+def activation_bytes(s, u):
+    "Activations kept for the backward (every layer's saved tensors, or with checkpointing each layer's input), one layer recomputed, and a layer's backward temporaries"
+    _, _, a, _ = _dtypes(s, u)
+    N, kinds = u.tokens, layer_kinds(s, u)
     saved = {m: sum(layer_activations(s, u, m).values()) for m, _ in kinds}
     final = 4 * s.d + 4 + (((4 if s.gemma_norm else a) + a) * s.d if u.full else 0)   # final norm, lm_head's input
     eager = any(attention_kernel(u, s, m) == 'eager' for m, _ in kinds)
-    mask = u.batch * u.seq * u.seq * ((1 + bool(n_slide)) * a if eager else bool(n_slide))   # materialised masks
-    if u.grad_ckpt: acts, recompute = N * (L * a * s.d + final) + mask, N * max(saved.values())
+    masked = any(m for m, _ in kinds)
+    mask = u.batch * u.seq * u.seq * ((1 + masked) * a if eager else masked)          # materialised masks
+    if u.grad_ckpt: acts, recompute = N * (s.layers * a * s.d + final) + mask, N * max(saved.values())
     else: acts, recompute = N * (sum(c * saved[m] for m, c in kinds) + final) + mask, 0
-    dora_temp = dora_forward_temp(s, u, N)
     bwd_temp = N * max(layer_backward_extra(s, u, m) for m, _ in kinds)
-    if u.grad_ckpt: bwd_temp = max(bwd_temp, dora_temp)      # the recomputed forward runs DoRA's temporaries again
-    bwd_temp = max(bwd_temp, dequant_temp(s, u))              # a 4-bit weight dequantized for the (recomputed) forward or backward
-    root_grads = V * s.d * pb if u.full else 0                # lm_head's gradient (tied or not) ...
-    top_grads = root_grads + G // L                           # ... and the last layer's
-    # logits: lm_head's output, its fp32 copy and log-softmax in the forward; three fp32 copies in the loss's backward
+    if u.grad_ckpt: bwd_temp = max(bwd_temp, dora_forward_temp(s, u, N))   # the recomputed forward runs DoRA's again
+    bwd_temp = max(bwd_temp, dequant_temp(s, u))      # a 4-bit weight dequantized for the (recomputed) forward or backward
+    return acts, recompute, bwd_temp
+
+# %% ../nbs/03_vram.ipynb #e5a7000a
+def logits_bytes(s, u):
+    "(forward, loss backward): lm_head's output, its fp32 copy and log-softmax; then three fp32 copies in the loss's backward"
+    _, ob, a, _ = _dtypes(s, u)
     soft = a if s.logit_softcap else 0
-    fwd_logits = N * V * (ob + (4 if ob != 4 else 0) + 4 + soft)
-    loss = N * V * (12 + soft)
+    return u.tokens * s.vocab * (ob + (4 if ob != 4 else 0) + 4 + soft), u.tokens * s.vocab * (12 + soft)
+
+# %% ../nbs/03_vram.ipynb #8f267b5c
+def estimate(model='llama-3-8b', method='qlora', batch=1, seq=2048, grad_ckpt=True, **options):
+    "Predict the peak GPU memory (per GPU) of fine-tuning `model`: an `Estimate` with the terms at the peak"
+    u = make_setup(method=method, batch=batch, seq=seq, grad_ckpt=grad_ckpt, **options)
+    s = shape_of(model)
+    _, ob, _, pb = _dtypes(s, u)
+    W, w_layer, w_root = weight_bytes(s, u)
+    AD, G, S, T, trainable = trainable_bytes(s, u)
+    acts, recompute, bwd_temp = activation_bytes(s, u)
+    fwd_logits, loss = logits_bytes(s, u)
+    root_grads = s.vocab * s.d * pb if u.full else 0          # lm_head's gradient (tied or not) ...
+    top_grads = root_grads + G // s.layers                    # ... and the last layer's
     # the candidate moments of the peak
     base = OrderedDict(weights=W, adapters=AD, workspace=WORKSPACE if u.device == 'cuda' else 0)
     phases = OrderedDict()
     phases['forward'] = OrderedDict(base, **{'optimizer states': S, 'activations': acts, 'logits & loss': fwd_logits})
     if u.dora:
         phases['DoRA forward'] = OrderedDict(base, **{'optimizer states': S, 'activations': acts,
-                                                      'backward temporaries': dora_temp})
+                                                      'backward temporaries': dora_forward_temp(s, u, u.tokens)})
     phases['loss backward'] = OrderedDict(base, **{'optimizer states': S, 'activations': acts, 'logits & loss': loss})
     phases['last layer backward'] = OrderedDict(base, **{'gradients': top_grads, 'optimizer states': S, 'activations': acts,
                                                          'layer recompute': recompute, 'backward temporaries': bwd_temp})
@@ -425,22 +449,24 @@ def estimate(model='llama-3-8b', method='qlora', batch=1, seq=2048, grad_ckpt=Tr
         for k, t in phases.items():
             if k != 'optimizer step': t['accumulated gradients'] = G
     if u.keep_logits:   # `out = model(...)` kept by the loop holds the logits through backward and the next forward
-        for t in phases.values(): t['logits & loss'] = t.get('logits & loss', 0) + N * V * ob
+        for t in phases.values(): t['logits & loss'] = t.get('logits & loss', 0) + u.tokens * s.vocab * ob
     phases = {k: _distribute(v, u, s, k, W, w_root, w_layer, G, root_grads) for k, v in phases.items()}
     phase = max(phases, key=lambda k: sum(phases[k].values()))
     terms = OrderedDict((t, phases[phase].get(t, 0)) for t in TERMS)
     notes = []
-    if u.upcast and any(attention_kernel(u, s, m) == 'math' for m, _ in kinds):
+    if u.upcast and any(attention_kernel(u, s, m) == 'math' for m, _ in layer_kinds(s, u)):
         notes.append('Note: fp32 activations (the fp32 upcast of `prepare_model_for_kbit_training`) with grouped-query '
                      'attention make sdpa use its math kernel, which keeps a seq x seq softmax per head.')
     if u.optimizer.startswith('paged'):
+        fsdp = u.sharding in ('fsdp', 'fsdp_grad_op')
         paged = trainable * (8 if u.optimizer == 'paged_adamw' else 2 * (1 + 4 / 256)) / (u.n_gpus if fsdp else 1)
         notes.append(f'Note: the paged optimizer states ({paged / GiB:.2f} GiB per GPU) live in CUDA managed memory, which the '
                      'driver moves to CPU RAM under pressure; they are not counted.')
     if u.optimizer == 'galore':
         notes.append(f'Note: GaLore at rank {u.r}; its refresh is counted with an exact SVD (a randomized one needs less), '
                      "not counting the SVD solver's own workspace.")
-    return Estimate(name, u, phase, terms, {k: sum(v.values()) for k, v in phases.items()}, pc, notes)
+    name = model if isinstance(model, str) else s.arch
+    return Estimate(name, u, phase, terms, {k: sum(v.values()) for k, v in phases.items()}, param_counts(s), notes)
 
 def _distribute(t, u, s, phase, W, w_root, w_layer, G, root_grads):
     "Per-GPU terms of a phase under DDP (replicated) or FSDP2 (sharded over `n_gpus`, optionally offloaded to CPU)"
