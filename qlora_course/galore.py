@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 from .core import set_seed, train_steps
-from .vram import galore_state_numel, measure
+from .vram import galore_state_numel
+from .memory import measure
 from .train import prepare_model, load_data, tokenize_split, epoch_batches
 from .lora import LoRALinear
 
@@ -180,7 +181,7 @@ def compare_run(method, lr, steps=150, seed=0, dataset='world', model_name='tiny
                 cpu_ms=1000 * float(np.median(cpu)) if len(cpu) else float('nan'), model=model, tokenizer=tok, held=held)
 
 def measure_method(method, lr=1e-3, batch=8, seq=64, steps=3, model_name='tiny:base', lora_rank=8, lora_alpha=16, galore=None, device='cpu'):
-    "`vram.measure` of `steps` training steps of a freshly prepared `method` on random tokens: peak bytes (CUDA's counter, or its tracker on a CPU), static bytes, phases"
+    "`memory.measure` of `steps` training steps of a freshly prepared `method` on random tokens: peak bytes (CUDA's counter, or its tracker on a CPU), static bytes, phases"
     set_seed(0)
     model, _, opt = _prepared(method, galore, model_name, lora_rank, lora_alpha, lr, device)
     return measure(model, batch, seq, steps, lr=lr, optimizer=opt)

@@ -3,7 +3,7 @@
 
     python tools/bench_compare.py --shape gemma-3-1b                       # every method, each in a process of its own
     python tools/bench_compare.py --shape llama-3-8b --galore_svd randomized
-    python tools/bench_compare.py --shape tiny --device cpu                # debug run on a CPU (peaks from vram.MemoryTracker)
+    python tools/bench_compare.py --shape tiny --device cpu                # debug run on a CPU (peaks from memory.MemoryTracker)
     python tools/bench_compare.py run --shape gemma-3-1b --method galore   # one method in this process: one JSON line
 
 A randomly initialised model of the catalog shape (`qlora_course.vram.CATALOG`; nothing is downloaded) is written once, in
@@ -64,7 +64,7 @@ def run(a):
     from qlora_course.core import set_seed, train_steps
     from qlora_course.train import prepare_model
     from qlora_course.galore import galore_optimizer
-    from qlora_course.vram import MemoryTracker, model_bytes, cuda_kernel_choice
+    from qlora_course.memory import MemoryTracker, model_bytes, cuda_kernel_choice
     dev = torch.device(a.device)
     gpu = dev.type == 'cuda'
     folder = checkpoint(a.shape, dev)

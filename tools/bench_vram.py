@@ -4,22 +4,22 @@
 For each configuration (model shape x method x batch x sequence length x gradient checkpointing) this builds a
 randomly initialised model of the real shape (no download: 4-bit models are written to a local folder and
 loaded back through transformers' BitsAndBytesConfig), prepares it with the PEFT recipe the calculator models
-(`vram.prepare_run`), trains a few steps with the loop of `core.train_steps` (`vram.measure`), and compares
+(`memory.prepare_run`), trains a few steps with the loop of `core.train_steps` (`memory.measure`), and compares
 the peak of `torch.cuda.max_memory_allocated()` with the prediction.
 
     python tools/bench_vram.py                       # the main grid (one H100 80GB: about 6 minutes)
     python tools/bench_vram.py --grid holdout        # configurations not looked at while building the model
-    python tools/bench_vram.py --grid tiny --device cpu   # smoke test on CPU (peaks from vram.MemoryTracker)
+    python tools/bench_vram.py --grid tiny --device cpu   # smoke test on CPU (peaks from memory.MemoryTracker)
 
 Writes vram_bench.json (everything, written after each configuration) and vram_bench.md (the table) into
 --out (default: $OUT, else the current folder). The runs shown in nbs/03_vram.ipynb are kept in
 tools/vram_results/ (h100_main.json, h100_holdout.json), which the notebook re-checks on every test run. Where a prediction misses by more than --diag percent, one
-more step runs under `vram.MemoryTracker` and the largest tensors alive at its peak are saved too.
+more step runs under `memory.MemoryTracker` and the largest tensors alive at its peak are saved too.
 """
 import argparse, gc, json, os, shutil, sys, tempfile, time, warnings
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 import torch
-from qlora_course import vram
+from qlora_course import vram, memory
 from qlora_course.core import env_report
 
 warnings.filterwarnings('ignore')
@@ -77,9 +77,9 @@ def run_one(spec, device, folders, steps, diag):
     if device.type == 'cuda': torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
     t = time.time()
     folder = folders.setdefault(name, tempfile.mkdtemp(prefix='vram_bench_')) if method in ('qlora', 'qdora') else None
-    m = vram.prepare_run(model, method, ckpt, device=device, folder=folder)
+    m = memory.prepare_run(model, method, ckpt, device=device, folder=folder)
     build_s = time.time() - t
-    r = vram.measure(m, batch, seq, steps=steps, optimizer=opts.get('optimizer', 'adamw'),
+    r = memory.measure(m, batch, seq, steps=steps, optimizer=opts.get('optimizer', 'adamw'),
                      keep_outputs=opts.get('keep_logits', False))
     err = est.peak / r['peak'] - 1
     row = dict(model=name, method=method, batch=batch, seq=seq, grad_ckpt=ckpt, options=opts,
@@ -88,7 +88,7 @@ def run_one(spec, device, folders, steps, diag):
                static=r['static'], predicted_static=est.terms['weights'] + est.terms['adapters'],
                reserved=r.get('reserved'), losses=r['losses'], seconds_per_step=r['seconds_per_step'], build_s=build_s)
     if abs(err) > diag:   # one more measured step, watched tensor by tensor
-        d = vram.measure(m, batch, seq, steps=2, optimizer=opts.get('optimizer', 'adamw'), track=True)
+        d = memory.measure(m, batch, seq, steps=2, optimizer=opts.get('optimizer', 'adamw'), track=True)
         row.update(diag_top=d['top'], diag_tracked_peak=d['tracked_peak'], diag_peak=d['peak'], diag_static=d['static'])
     del m; gc.collect()
     if device.type == 'cuda': torch.cuda.empty_cache()
@@ -104,7 +104,7 @@ def probe_kernels(device):
         k = torch.randn(1, kv, 256, 64, device=device, dtype=dt, requires_grad=True)
         v = torch.randn(1, kv, 256, 64, device=device, dtype=dt, requires_grad=True)
         m = torch.ones(256, 256, dtype=torch.bool, device=device).tril() if mask else None
-        with vram.MemoryTracker(snapshot=True) as tr:
+        with memory.MemoryTracker(snapshot=True) as tr:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=not mask, enable_gqa=kv != 8)
         out[label] = sorted({x[2] for x in tr.top(50)})
     return out

@@ -7,7 +7,7 @@
                                                                     # DTensors, CPU offload needs a GPU)
 
 Each rank builds the same randomly initialised model of a real shape, wraps it (DDP, or FSDP2's `fully_shard` on
-every decoder layer and then on the root), trains a few steps with the loop of `vram.measure` (no gradient
+every decoder layer and then on the root), trains a few steps with the loop of `memory.measure` (no gradient
 clipping) and records its peak of `torch.cuda.max_memory_allocated()`. Rank 0 writes vram_bench_dist.json and
 .md into --out (default $OUT, else the current folder) with the largest peak over the ranks; the run shown
 in nbs/03_vram.ipynb is tools/vram_results/2xh200_dist.json.
@@ -15,7 +15,7 @@ in nbs/03_vram.ipynb is tools/vram_results/2xh200_dist.json.
 import argparse, gc, json, os, sys, time, warnings
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 import torch, torch.distributed as dist
-from qlora_course import vram
+from qlora_course import vram, memory
 from qlora_course.core import env_report
 warnings.filterwarnings('ignore')
 
@@ -64,9 +64,9 @@ def main():
         est = vram.estimate(model, method, batch, seq, ckpt, n_gpus=world, sharding=sharding, cpu_offload=offload,
                             device=device.type)
         try:
-            m = vram.prepare_run(model, method, ckpt, device=device, seed=0)
+            m = memory.prepare_run(model, method, ckpt, device=device, seed=0)
             m = wrap(m, sharding, offload, device)
-            r = vram.measure(m, batch, seq, steps=a.steps, clip=False, device=device)
+            r = memory.measure(m, batch, seq, steps=a.steps, clip=False, device=device)
             peak = torch.tensor([float(r['peak'])], device=device)
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)
             row = dict(model=name, method=method, sharding=sharding, cpu_offload=offload, batch=batch, seq=seq,
