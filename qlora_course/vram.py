@@ -4,15 +4,14 @@
 
 # %% auto #0
 __all__ = ['GiB', 'CATALOG', 'ALIASES', 'SUPPORTED', 'DTYPE_BYTES', 'METHODS', 'OPTIMIZERS', 'SHARDING', 'ATTN_PARTS', 'TERMS',
-           'WORKSPACE', 'CUDA_CONTEXT', 'NCCL_BUFFERS', 'ALLOCATOR_SLACK', 'GPUS', 'get_config', 'Shape', 'shape_of',
-           'linears', 'component_params', 'param_counts', 'quant_bytes', 'nf4_bits_per_param', 'adapted',
-           'galore_state_numel', 'galore_terms', 'adapter_params', 'Setup', 'make_setup', 'attention_kernel',
-           'layer_activations', 'layer_backward_extra', 'dora_forward_temp', 'dequant_temp', 'Estimate', 'weight_bytes',
-           'trainable_bytes', 'layer_kinds', 'activation_bytes', 'logits_bytes', 'estimate', 'gpu_bytes', 'Fit', 'fits',
-           'max_batch', 'plot_breakdown', 'plot_vs_seq', 'calculator']
+           'WORKSPACE', 'CUDA_CONTEXT', 'NCCL_BUFFERS', 'ALLOCATOR_SLACK', 'get_config', 'Shape', 'shape_of', 'linears',
+           'component_params', 'param_counts', 'quant_bytes', 'nf4_bits_per_param', 'adapted', 'galore_state_numel',
+           'galore_terms', 'adapter_params', 'Setup', 'make_setup', 'attention_kernel', 'layer_activations',
+           'layer_backward_extra', 'dora_forward_temp', 'dequant_temp', 'Estimate', 'weight_bytes', 'trainable_bytes',
+           'layer_kinds', 'activation_bytes', 'logits_bytes', 'estimate']
 
 # %% ../nbs/03_vram.ipynb #fd16a6f7
-import math, os, re, warnings
+import math, warnings
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 import torch
@@ -361,7 +360,6 @@ class Estimate:
         return head + '\n\n| term | GiB |\n|---|---|\n' + '\n'.join(rows) + ''.join(f'\n\n{n}' for n in self.notes)
     def _repr_markdown_(self): return self.table()
     def __repr__(self): return self.table().replace('**', '')
-    def plot(self, ax=None, title=None, gpu=None): return plot_breakdown([self], ax=ax, title=title, gpu=gpu)
 
 # %% ../nbs/03_vram.ipynb #e5a70002
 def weight_bytes(s, u):
@@ -486,120 +484,3 @@ def _distribute(t, u, s, phase, W, w_root, w_layer, G, root_grads):
     elif 'gradients' in t:
         t['gradients'] = 0 if u.cpu_offload else t['gradients'] / n
     return t
-
-# %% ../nbs/03_vram.ipynb #ccfefba7
-GPUS = {   # total memory as nvidia-smi reports it, in MiB (H100 and H200 read on this project's machines)
-    'H200-141GB': 143771, 'H100-80GB': 81559, 'A100-80GB': 81920, 'A100-40GB': 40960,
-    'L4-24GB': 23034, 'RTX-4090-24GB': 24564, 'RTX-3090-24GB': 24576, 'T4-16GB': 15360,
-}
-
-def gpu_bytes(gpu):
-    "Memory of `gpu`: a name in `GPUS`, a number of GiB, or a string such as '24GB' (read as GiB)"
-    if isinstance(gpu, (int, float)): return gpu * GiB
-    if gpu in GPUS: return GPUS[gpu] * 2**20
-    m = re.fullmatch(r'\s*([\d.]+)\s*(GB|GiB|G)?\s*', str(gpu), re.I)
-    if not m: raise ValueError(f'unknown GPU {gpu!r}: use one of {", ".join(GPUS)}, or a size such as 24 or "24GB"')
-    return float(m.group(1)) * GiB
-
-@dataclass
-class Fit:
-    "Whether a run fits a GPU; truthy when it does"
-    estimate: Estimate; gpu: str; available: float
-    @property
-    def fits(self): return self.estimate.total <= self.available
-    @property
-    def spare(self): return self.available - self.estimate.total
-    def __bool__(self): return self.fits
-    def __repr__(self):
-        e, u = self.estimate, self.estimate.setup
-        gpus = f'{u.n_gpus} x ' if u.n_gpus > 1 else ''
-        return (f'{e.name} {u.method}, batch {u.batch} x {u.seq} tokens: needs {e.total / GiB:.1f} GiB per GPU '
-                f'({e.gib:.1f} GiB peak allocated) on {gpus}{self.gpu} ({self.available / GiB:.1f} GiB): '
-                + (f'fits, {self.spare / GiB:.1f} GiB to spare' if self.fits else 'does NOT fit'))
-
-def fits(model, gpu='H100-80GB', **options):
-    "Whether fine-tuning `model` (options as for `estimate`) fits in the memory of `gpu`"
-    return Fit(estimate(model, **options), str(gpu), gpu_bytes(gpu))
-
-def max_batch(model, gpu='H100-80GB', limit=4096, **options):
-    "The largest batch (1 to `limit`) whose run fits on `gpu`; 0 if not even batch 1 fits"
-    if 'batch' in options: raise TypeError('max_batch searches the batch size: do not pass `batch`')
-    ok = lambda b: fits(model, gpu, batch=b, **options).fits
-    if not ok(1): return 0
-    lo, hi = 1, 2
-    while hi <= limit and ok(hi): lo, hi = hi, hi * 2
-    hi = min(hi, limit + 1)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
-    return lo
-
-# %% ../nbs/03_vram.ipynb #23d9dddf
-_COLORS = dict(zip(TERMS, ['#4c72b0', '#8fa8d8', '#55a868', '#c44e52', '#e8a0a2', '#dd8452', '#f0b27a', '#937860',
-                           '#8172b3', '#b3a6e0', '#da8bc3', '#ccb974', '#999999']))
-
-def plot_breakdown(estimates, labels=None, ax=None, title=None, gpu=None):
-    "Stacked bars of the terms at each estimate's peak, in GiB; optionally a line at a GPU's memory"
-    import matplotlib.pyplot as plt
-    if isinstance(estimates, Estimate): estimates = [estimates]
-    if ax is None: _, ax = plt.subplots(figsize=(6, 3.5))
-    labels = labels or [f'{e.name}\n{e.setup.method}' for e in estimates]
-    bottom = [0.0] * len(estimates)
-    for t in TERMS:
-        vals = [e.terms.get(t, 0) / GiB for e in estimates]
-        if any(vals):
-            ax.bar(labels, vals, bottom=bottom, label=t, color=_COLORS[t]); bottom = [b + v for b, v in zip(bottom, vals)]
-    if gpu is not None: ax.axhline(gpu_bytes(gpu) / GiB, color='k', ls='--', lw=1, label=str(gpu))
-    ax.set_ylabel('GiB at the peak'); ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1, 1))
-    if title: ax.set_title(title)
-    return ax
-
-def plot_vs_seq(model, runs, seqs=(256, 512, 1024, 2048, 4096, 8192, 16384), ax=None, gpu=None, title=None):
-    "Peak allocated memory against sequence length, one line per entry of `runs` ({label: estimate options})"
-    import matplotlib.pyplot as plt
-    if ax is None: _, ax = plt.subplots(figsize=(6, 3.5))
-    for label, kw in runs.items():
-        ax.plot(seqs, [estimate(model, seq=q, **kw).gib for q in seqs], marker='o', ms=3, label=label)
-    if gpu is not None: ax.axhline(gpu_bytes(gpu) / GiB, color='k', ls='--', lw=1, label=str(gpu))
-    ax.set_xscale('log', base=2); ax.set_xlabel('sequence length (tokens)'); ax.set_ylabel('peak GiB')
-    ax.legend(fontsize=8); ax.grid(alpha=0.3); ax.set_title(title or str(model))
-    return ax
-
-# %% ../nbs/03_vram.ipynb #c552f294
-def calculator():
-    "An interactive memory calculator (ipywidgets); prints a note where widgets cannot run"
-    if os.environ.get('IN_TEST'): return print('calculator(): widgets are skipped under nbdev_test; call estimate() directly')
-    try:
-        import ipywidgets as W
-        from IPython.display import display, Markdown
-    except ImportError:
-        return print('calculator() needs ipywidgets (pip install ipywidgets); meanwhile call estimate() directly')
-    import matplotlib.pyplot as plt
-    w = dict(model=W.Dropdown(options=list(CATALOG), value='llama-3-8b', description='model'),
-             method=W.Dropdown(options=METHODS, value='qlora', description='method'),
-             gpu=W.Dropdown(options=list(GPUS), value='H100-80GB', description='GPU'),
-             batch=W.BoundedIntText(value=1, min=1, max=4096, description='batch'),
-             accum=W.BoundedIntText(value=1, min=1, max=1024, description='grad accum'),
-             seq=W.Dropdown(options=[2**i for i in range(8, 18)], value=2048, description='seq'),
-             r=W.Dropdown(options=[4, 8, 16, 32, 64, 128, 256], value=16, description='LoRA r'),
-             grad_ckpt=W.Checkbox(value=True, description='gradient checkpointing'),
-             optimizer=W.Dropdown(options=list(OPTIMIZERS), value='adamw', description='optimizer'),
-             sharding=W.Dropdown(options=[('one GPU', None), ('DDP', 'ddp'), ('FSDP full shard', 'fsdp'),
-                                          ('FSDP shard-grad-op', 'fsdp_grad_op')], value=None, description='GPUs'),
-             n_gpus=W.BoundedIntText(value=2, min=2, max=1024, description='how many'),
-             cpu_offload=W.Checkbox(value=False, description='CPU offload'))
-    out = W.Output()
-    def show(*_):
-        kw = {k: v.value for k, v in w.items() if k not in ('model', 'gpu')}
-        if kw['sharding'] is None: kw['n_gpus'], kw['cpu_offload'] = 1, False
-        with out:
-            out.clear_output(wait=True)
-            try:
-                f = fits(w['model'].value, w['gpu'].value, **kw)
-                display(Markdown(f.estimate.table() + f'\n\n**{f!r}**'))
-                f.estimate.plot(gpu=w['gpu'].value); plt.show()
-            except (ValueError, KeyError) as err: print(err)
-    for v in w.values(): v.observe(show, 'value')
-    display(W.VBox([W.HBox([w['model'], w['method'], w['gpu']]), W.HBox([w['batch'], w['seq'], w['r']]),
-                    W.HBox([w['grad_ckpt'], w['optimizer'], w['accum']]), W.HBox([w['sharding'], w['n_gpus'], w['cpu_offload']]), out]))
-    show()
