@@ -3,7 +3,7 @@
 (a) `nf4_dequant_triton`: one Triton pass from packed NF4 codes + double-quantized block statistics to a bf16 (or fp16/fp32)
     weight, written into a caller's (reusable) buffer, bit-identical to `qlora_course.quant.dequantize_nf4`;
     `nf4_dequant_reference`: the same arithmetic, in the same order, in PyTorch (the fallback where Triton is absent);
-    `FastNF4Matmul` / `patch_nf4linear`: NF4Linear's matmul with that dequantization into one shared buffer per device.
+    `patch_nf4linear`: NF4Linear's own matmul with that dequantization into one shared buffer per device.
 (b) `chunked_lm_loss`: mean cross-entropy of `hidden @ W.T` computed chunk by chunk (fp32 log-sum-exp per row); backward
     recomputes each chunk's logits, so no (N, V) tensor ever exists.
 (c) `LoRALinearBF16`: the LoRA branch in the compute dtype (bf16) with fp32 master weights: A and B are cast in forward,
@@ -177,32 +177,18 @@ def fast_dequantize(layer, storage, dtype):
     w = nf4_dequant(packed, stats.absmax, stats.absmax2, stats.offset, stats.blocksize, n, dtype, out=buf)
     return w.view(layer.out_features, layer.in_features)
 
-class FastNF4Matmul(torch.autograd.Function):
-    "y = x W^T + b as `_NF4Matmul` computes it, W dequantized by `nf4_dequant` into the shared buffer (forward and backward)"
-    @staticmethod
-    def forward(ctx, x, bias, layer, *storage):
-        ctx.layer = layer
-        ctx.save_for_backward(*storage)
-        return F.linear(x, fast_dequantize(layer, storage, x.dtype), bias)
-
-    @staticmethod
-    def backward(ctx, g):
-        storage = ctx.saved_tensors
-        grad_x = grad_b = None
-        if ctx.needs_input_grad[0]: grad_x = g @ fast_dequantize(ctx.layer, storage, g.dtype)
-        if ctx.needs_input_grad[1]: grad_b = g.reshape(-1, g.shape[-1]).sum(0)
-        return (grad_x, grad_b, None) + (None,) * len(storage)
-
-def _fast_forward(self, x):
-    if x.shape[-1] != self.in_features: raise ValueError(f'expected input with last dimension {self.in_features}, got shape {tuple(x.shape)}')
-    bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-    return FastNF4Matmul.apply(x.to(self.compute_dtype), bias, self, *self._storage()).to(x.dtype)
+def _fast_dequantize(self, storage, dtype):
+    "NF4Linear._dequantize, the one its matmul (`quant._NF4Matmul`) calls in forward and backward, through `fast_dequantize`"
+    return fast_dequantize(self, storage, dtype)
 
 def patch_nf4linear():
-    "Make every NF4Linear's forward use `FastNF4Matmul` (the public `dequantize()` keeps returning fresh tensors); returns an undo function"
-    old = NF4Linear.forward
-    NF4Linear.forward = _fast_forward
-    def undo(): NF4Linear.forward = old
+    """Make every NF4Linear's matmul (the library's own `_NF4Matmul`, forward and backward) dequantize with `nf4_dequant`
+    into the shared buffer; the public `dequantize()` keeps returning fresh tensors. Returns an undo function"""
+    old_private, old_public = NF4Linear._dequantize, NF4Linear.dequantize
+    def dequantize(self, dtype=None): return old_private(self, self._storage(), dtype or self.compute_dtype)
+    dequantize.__doc__ = old_public.__doc__
+    NF4Linear._dequantize, NF4Linear.dequantize = _fast_dequantize, dequantize
+    def undo(): NF4Linear._dequantize, NF4Linear.dequantize = old_private, old_public
     return undo
 
 # ----------------------------------------------------------------------------------------------------------------------

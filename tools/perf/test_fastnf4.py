@@ -1,5 +1,5 @@
 """CPU tests of fastnf4: run as
-    cd /work/main && OMP_NUM_THREADS=1 TRITON_INTERPRET=1 PYTHONPATH=$PWD:/tmp/work/perf:/tmp/work/perf/site python /tmp/work/perf/test_fastnf4.py
+    OMP_NUM_THREADS=1 TRITON_INTERPRET=1 PYTHONPATH=$PWD:$PWD/tools/perf python tools/perf/test_fastnf4.py   (needs pip install triton)
 """
 import math, os, sys, time
 import torch
@@ -76,15 +76,23 @@ def test_dequant():
         # the same FMA fault seen through bf16 outputs: a one-ulp fp32 scale change rarely moves a bf16 rounding
         res = [case(s, impl='triton', fault=3, kind=k) for s in ((301, 257), (512, 1024)) for k in ('normal', 'heavy')]
         print(f'      (info) FMA fault with bf16 output: differing elements {[nd for _, _, nd in res]} of 77,357 / 524,288 per shape')
-        # The layer path: FastNF4Matmul forward and backward equal _NF4Matmul's bit for bit
+        # The layer path: _NF4Matmul with the patched dequantization equals the plain one bit for bit, forward and backward
         lin = nn.Linear(257, 301, bias=True, dtype=torch.bfloat16)
         q = NF4Linear.from_linear(lin, compute_dtype=torch.bfloat16)
         x = torch.randn(5, 257, dtype=torch.bfloat16, requires_grad=True)
         y0 = q(x); y0.sum().backward(); g0 = x.grad.clone(); x.grad = None
+        calls, real = [], fx.fast_dequantize
+        fx.fast_dequantize = lambda *a: calls.append(1) or real(*a)      # count: the patched path must really be taken
         undo = fx.patch_nf4linear()
-        try: y1 = q(x); y1.sum().backward(); g1 = x.grad.clone()
-        finally: undo()
+        try:
+            y1 = q(x); y1.sum().backward(); g1 = x.grad.clone()
+            d1, d2 = q.dequantize(), q.dequantize()                          # the public dequantize: new tensors, not the buffer
+            fresh = d1.data_ptr() != d2.data_ptr()
+        finally: undo(); fx.fast_dequantize = real
         report('(a) NF4Linear patched forward/backward = unpatched, bit for bit', same_bits(y0, y1) and same_bits(g0, g1))
+        report('(a) the patch dequantizes through the shared buffer in forward and backward only', len(calls) == 2 and fresh,
+               f'{len(calls)} calls, dequantize() fresh: {fresh}')
+        report('(a) undo restores NF4Linear', NF4Linear._dequantize is not fx._fast_dequantize)
     else:
         print('NOTE: Triton interpreter not used (set TRITON_INTERPRET=1 with triton installed): only the reference was tested')
 
