@@ -1,19 +1,23 @@
 #!/usr/bin/env python
-"""Single-GPU QLoRA speed-ups (issue 13), one at a time: the course's path (`prepare_model(backend='course')`) as it is, then
-with each piece of fastnf4.py added alone, then all together; each variant in its own process, on one random checkpoint.
+"""Single-GPU QLoRA speed (issue 13): the course's plain path (`prepare_model(backend='course')`), then qlora_course.fast's
+pieces added one at a time, and the peers (../shared/peer/anchors.py: Unsloth, the HF recipe) on the same random checkpoint;
+each variant in its own process, all in one call, with ratios to the plain path, to Unsloth and to the HF recipe.
 
-    python bench_fast.py all --shape llama-3-8b [--runs '[[1, 2048], [4, 2048]]'] [--variants baseline,triton,...]
+    python bench_fast.py all --shape llama-3-8b [--runs '[[1, 2048], [4, 2048]]'] [--variants fast,unsloth_gc,...]
     python bench_fast.py all --device cpu --shape tiny           # CPU dry run: tiny:llama, 1 warm-up + 1 timed step
-    python bench_fast.py run --variant triton ...                # one variant, JSON lines
+    python bench_fast.py run --variant fast ...                  # one variant, JSON lines
     python bench_fast.py rate                                    # the bf16 matmul rate (8192^3), JSON
 
-Variants: baseline (NF4Linear + LoRALinear as they are); triton (NF4 dequantized by fastnf4's Triton kernel into one
-reused buffer, forward and backward); bf16lora (LoRA branch in bf16, fp32 master weights); chunked (loss = fastnf4's
-chunked cross-entropy over the decoder's last hidden states and lm_head.weight: no full logits); all (the three together).
+Variants, each adding one piece to the one before: baseline (NF4Linear + LoRALinear + transformers' checkpointing + HF
+loss, torch AdamW); nf4_op (NF4 through `fast.nf4_mm`: the Triton kernel into one shared buffer); bf16_lora (the LoRA branch
+in bf16); compile (`checkpoint_layers` + `compile_layers`); fused_loss (`causal_lm_fused_loss`); fused_adamw (torch AdamW with
+fused=True; = `fast`); offload (checkpoints in CPU memory; = `fast_offload`). Peers: unsloth_gc, unsloth (its CPU offload of
+checkpoints), hf, liger. For the peers to train on the same checkpoint, set CKPT and BENCH_CKPT to the same folder.
 
 Every run as tools/bench_train.py: LoRA r=16 alpha 32 on q,k,v,o,gate,up,down, dropout 0, torch AdamW lr 1e-4 (no clipping),
 gradient checkpointing (non-reentrant), random tokens, labels = inputs, `core.train_steps`, 3 warm-up then 8 timed steps,
-peak = torch.cuda.max_memory_allocated over the loop.
+peak = torch.cuda.max_memory_allocated over the loop, warm-up included (as anchors.py measures the peers); steady peak:
+over the timed steps only (after torch.compile's first calls).
 
 MFU = tokens/s x FLOPs per token / (bf16 matmul rate measured in this run, 8192x8192x8192). FLOPs per token (one
 frozen-base LoRA step with the decoder layers recomputed; the same count for every variant):
@@ -28,10 +32,14 @@ counted). `mfu_peer` uses the peers' count instead (shared/peer/README.md: 6 x a
 import argparse, json, os, statistics, subprocess, sys, time, traceback
 HERE = os.path.dirname(os.path.abspath(__file__))
 TARGETS = 'q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj'
-VARIANTS = {'baseline': (), 'all': ('triton', 'bf16lora', 'chunked'), 'triton': ('triton',), 'bf16lora': ('bf16lora',),
-            'chunked': ('chunked',)}                      # this order by default: baseline and all first, should time run short
-# Measured by shared/peer/anchors.py on one H200 (shared/peer/README.md), NOT in this run: for the table's last rows
-PEERS = {('unsloth_gc', 1): (5686, 6.81), ('unsloth_gc', 4): (11018, 9.70)}
+# Cumulative: each variant adds one piece of qlora_course.fast to the one before it (the plain path first)
+STEPS = [('baseline', ()), ('nf4_op', ('op',)), ('bf16_lora', ('bf16lora',)), ('compile', ('ckpt', 'compile')),
+         ('fused_loss', ('fused',)), ('fused_adamw', ('fusedadam',)), ('offload', ('offload',))]
+VARIANTS, _acc = {}, ()
+for _name, _add in STEPS: _acc = _acc + _add; VARIANTS[_name] = _acc
+VARIANTS['fast'] = VARIANTS['fused_adamw']                 # what speed_up(model) gives, with fused AdamW
+VARIANTS['fast_offload'] = VARIANTS['offload']
+PEER_METHODS = ('unsloth_gc', 'unsloth', 'hf', 'liger')  # run by ../shared/peer/anchors.py (PEER_ANCHORS names another copy)
 
 def folder(shape): return os.environ.get('BENCH_CKPT', f'/tmp/random-{shape}')
 
@@ -92,34 +100,29 @@ def matmul_rate(device, n=None, iters=20):
 
 # ------------------------------------------------------------------------------------------------------------------
 def _dequant_check(model, device):
-    "On the first NF4 layer of the largest shape: the fast dequantization bit-identical to NF4Linear.dequantize? and ms of both"
+    "On the largest NF4 layer: qlora_course.fast's decoding bit-identical to NF4Linear.dequantize? and ms of both"
     import torch
-    import fastnf4 as fx
+    import qlora_course.fast as qf
     from qlora_course.quant import NF4Linear, same_bits
-    layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
-    layer = max(layers, key=lambda m: m.in_features * m.out_features)
-    dt = layer.compute_dtype
-    ref = layer.dequantize(dt)
-    fast = fx.fast_dequantize(layer, layer._storage(), dt).clone()
-    res = dict(dequant_bit_identical=same_bits(ref, fast), dequant_impl=fx.dequant_impl() if device == 'cuda' else
-               ('triton-interpreter' if fx.triton is not None and os.environ.get('TRITON_INTERPRET') == '1' else 'torch-reference'),
-               dequant_shape=f'{layer.out_features}x{layer.in_features}')
+    layer = max((m for m in model.modules() if isinstance(m, NF4Linear)), key=lambda m: m.in_features * m.out_features)
+    dt, n = layer.compute_dtype, layer.in_features * layer.out_features
+    packed, st = layer.quantized()
+    fast = lambda: qf.nf4_dequant(packed, st.absmax, st.absmax2, st.offset, st.blocksize, n, dt)
+    ref = NF4Linear.dequantize(layer, dt)
+    res = dict(dequant_bit_identical=same_bits(ref.reshape(-1), fast()), dequant_shape=f'{layer.out_features}x{layer.in_features}')
     if device == 'cuda':
         def t(fn, k=20):
             for _ in range(3): fn()
             torch.cuda.synchronize(); s = time.perf_counter()
             for _ in range(k): fn()
             torch.cuda.synchronize(); return (time.perf_counter() - s) / k * 1e3
-        res['dequant_ms_old'] = round(t(lambda: layer.dequantize(dt)), 3)
-        res['dequant_ms_new'] = round(t(lambda: fx.fast_dequantize(layer, layer._storage(), dt)), 3)
-    del ref, fast
+        res['dequant_ms_old'] = round(t(lambda: NF4Linear.dequantize(layer, dt)), 3)
+        res['dequant_ms_new'] = round(t(fast), 3)
     return res
 
 def run(shape, variant, runs, device='cuda', warm=3, steps=8, ce_chunk=None, dtype='bf16'):
     import functools
     import torch
-    sys.path.insert(0, HERE)
-    import fastnf4 as fx
     import qlora_course.train as qt
     from qlora_course.core import set_seed, train_steps, hf_loss
     feats = VARIANTS[variant]
@@ -132,12 +135,14 @@ def run(shape, variant, runs, device='cuda', warm=3, steps=8, ce_chunk=None, dty
     load = time.time() - t
     cfg = model.config.get_text_config()
     extra = dict(model_dtype=str(model.get_output_embeddings().weight.dtype).replace('torch.', ''))
-    if 'triton' in feats:
-        fx.patch_nf4linear()
+    import qlora_course.fast as qf
+    if 'op' in feats:
+        extra['nf4_op_layers'] = qf.use_fast_nf4(model)
         extra.update(_dequant_check(model, device))
-    if 'bf16lora' in feats: extra['bf16_lora_layers'] = fx.use_bf16_lora(model)
-    loss_fn = functools.partial(fx.causal_lm_chunked_loss, chunk=ce_chunk) if 'chunked' in feats else hf_loss
-    if 'chunked' in feats: extra['ce_chunk'] = ce_chunk or fx.default_chunk(cfg.vocab_size)
+    if 'bf16lora' in feats: extra['bf16_lora_layers'] = qf.use_bf16_lora(model)
+    if 'compile' in feats: extra['compiled_layers'] = qf.compile_layers(model)
+    if 'ckpt' in feats: extra['own_checkpoint_layers'] = qf.checkpoint_layers(model, offload='offload' in feats)
+    loss_fn = functools.partial(qf.causal_lm_fused_loss, chunk=ce_chunk) if 'fused' in feats else hf_loss
     vocab = cfg.vocab_size
     cuda = device == 'cuda'
     for bs, seq in runs:
@@ -146,13 +151,19 @@ def run(shape, variant, runs, device='cuda', warm=3, steps=8, ce_chunk=None, dty
             x = torch.randint(4, vocab, (bs, seq), device=device)
             stamps = []
             if cuda: torch.cuda.synchronize(); torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
-            losses = train_steps(model, lambda i: {'input_ids': x, 'labels': x}, warm + steps, lr=1e-4, grad_clip=0, progress=False,
-                                 loss_fn=loss_fn, on_step=lambda loop: stamps.append(time.perf_counter()))
+            opt = (lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True)) if 'fusedadam' in feats else 'adamw'
+            peaks = {}
+            def on_step(loop):
+                stamps.append(time.perf_counter())
+                if cuda and loop.step == warm: peaks['warm'] = torch.cuda.max_memory_allocated(); torch.cuda.reset_peak_memory_stats()
+            losses = train_steps(model, lambda i: {'input_ids': x, 'labels': x}, warm + steps, lr=1e-4, grad_clip=0, progress=False, optimizer=opt,
+                                 loss_fn=loss_fn, on_step=on_step)
             dt = stamps[-1] - stamps[warm - 1]
             f = flops_per_token(cfg, seq)
             tps = bs * seq * steps / dt
             row.update(tokens_per_s=round(tps) if cuda else round(tps, 1), step_s=round(dt / steps, 3),
-                       peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                       peak_gib=round(max(peaks['warm'], torch.cuda.max_memory_allocated()) / 2**30, 2) if cuda else None,
+                       steady_peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                        reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
                        loss0=round(losses[0], 4), loss=round(losses[-1], 4), flops_per_token=f['flops_per_token'],
                        peer_flops_per_token=f['peer_flops_per_token'])
@@ -162,45 +173,53 @@ def run(shape, variant, runs, device='cuda', warm=3, steps=8, ce_chunk=None, dty
             x = None
             if cuda: torch.cuda.empty_cache()
         print(json.dumps(row), flush=True)
+        prof = os.environ.get('BENCH_PROFILE')                # a folder: the top GPU kernels of 2 more steps, per run
+        if prof and cuda and 'error' not in row:
+            from torch.profiler import profile, ProfilerActivity
+            with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as pr:
+                train_steps(model, lambda i: {'input_ids': x, 'labels': x}, 2, lr=1e-4, grad_clip=0, progress=False, loss_fn=loss_fn)
+            os.makedirs(prof, exist_ok=True)
+            with open(f'{prof}/profile_{variant}_bs{bs}.txt', 'w') as f:
+                f.write(pr.key_averages().table(sort_by='cuda_time_total', row_limit=45, max_name_column_width=70))
 
 # ------------------------------------------------------------------------------------------------------------------
 def table(rows, rate):
-    "Markdown: each variant's rate, memory and MFU, and its ratios to the baseline at the same batch"
-    base = {(r['bs'], r['seq']): r for r in rows if r['variant'] == 'baseline' and 'error' not in r}
+    "Markdown: each row's rate, memory and MFU, with its ratios to the plain path, to Unsloth (plain checkpointing) and to the HF recipe at the same batch"
+    ok = lambda r: 'error' not in r
+    by = lambda name: {(r['bs'], r['seq']): r for r in rows if r['variant'] == name and ok(r)}
+    base, uns, hf = by('baseline'), by('unsloth_gc'), by('hf')
     R = rate['flops_per_s'] if rate else None
+    fpt = next((r['flops_per_token'] for r in rows if ok(r) and 'flops_per_token' in r), None)
     out = [f"matmul rate measured in this run: {R / 1e12:.1f} TFLOP/s ({rate['n']}^3 {rate['dtype']})" if R else 'matmul rate: not measured', '',
-           '| variant | batch x seq | tokens/s | vs baseline | peak GiB | vs baseline | MFU | MFU (peers\' 6N) | loss step 1 | notes |',
-           '|---|---|---|---|---|---|---|---|---|---|']
+           '| variant | batch x seq | tokens/s | vs plain | vs Unsloth | vs HF | peak GiB | vs Unsloth | steady peak GiB | MFU | notes |',
+           '|---|---|---|---|---|---|---|---|---|---|---|']
+    def ratio(r, ref, key):
+        b = ref.get((r['bs'], r['seq']))
+        return f"{r[key] / b[key]:.2f}x" if b and r.get(key) and b.get(key) else '-'
     for r in rows:
-        b = base.get((r['bs'], r['seq']))
-        if 'error' in r:
+        if not ok(r):
             what = 'skipped' if r['error'].startswith('skipped') else 'failed'
-            out.append(f"| {r['variant']} | {r['bs']} x {r['seq']} | {what} | | | | | | | {r['error'][:160]} |"); continue
-        sp = f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x" if b else '-'
-        mem = f"{r['peak_gib'] / b['peak_gib']:.2f}x" if b and r.get('peak_gib') and b.get('peak_gib') else '-'
-        mfu = f"{r['tokens_per_s'] * r['flops_per_token'] / R:.1%}" if R else '-'
-        mfu6 = f"{r['tokens_per_s'] * r['peer_flops_per_token'] / R:.1%}" if R else '-'
-        notes = ', '.join(f'{k}={r[k]}' for k in ('dequant_bit_identical', 'dequant_ms_old', 'dequant_ms_new', 'ce_chunk') if k in r)
-        peak = f"{r['peak_gib']:.2f}" if r.get('peak_gib') is not None else '-'
-        out.append(f"| {r['variant']} | {r['bs']} x {r['seq']} | {r['tokens_per_s']:,} | {sp} | {peak} | {mem} | {mfu} | {mfu6} | {r['loss0']} | {notes} |")
-    ok = [r for r in rows if 'error' not in r and r['shape'] != 'tiny']
-    if R and ok:
-        for (name, bs), (tps, gib) in PEERS.items():
-            f = next((r for r in ok if r['bs'] == bs), None)
-            if f is None: continue
-            b = base.get((f['bs'], f['seq']))
-            sp = f"{tps / b['tokens_per_s']:.2f}x" if b else '-'
-            mem = f"{gib / b['peak_gib']:.2f}x" if b else '-'
-            out.append(f"| {name} (peer README, not this run) | {bs} x 2048 | {tps:,} | {sp} | {gib:.2f} | {mem} | "
-                       f"{tps * f['flops_per_token'] / R:.1%} | {tps * f['peer_flops_per_token'] / R:.1%} | | measured 2026-11-29 by anchors.py |")
+            out.append(f"| {r['variant']} | {r['bs']} x {r['seq']} | {what} | | | | | | | | {r['error'][:160]} |"); continue
+        f = r.get('flops_per_token', fpt)
+        mfu = f"{r['tokens_per_s'] * f / R:.1%}" if R and f else '-'
+        notes = ', '.join(f'{k}={r[k]}' for k in ('dequant_bit_identical', 'dequant_ms_old', 'dequant_ms_new') if k in r)
+        steady = f"{r['steady_peak_gib']:.2f}" if r.get('steady_peak_gib') is not None else '-'
+        out.append(f"| {r['variant']} | {r['bs']} x {r['seq']} | {r['tokens_per_s']:,} | {ratio(r, base, 'tokens_per_s')} | "
+                   f"{ratio(r, uns, 'tokens_per_s')} | {ratio(r, hf, 'tokens_per_s')} | {r['peak_gib'] if r.get('peak_gib') is not None else '-'} | {ratio(r, uns, 'peak_gib')} | {steady} | {mfu} | {notes} |")
     return '\n'.join(out)
+
+def peer_script():
+    for p in (os.environ.get('PEER_ANCHORS'), os.path.join(os.getcwd(), '.peer', 'anchors.py'), os.path.join(os.getcwd(), '..', 'shared', 'peer', 'anchors.py')):
+        if p and os.path.exists(p): return p
+    return None
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('what', choices=('all', 'make', 'run', 'rate'))
     p.add_argument('--shape', default='llama-3-8b', help="a qlora_course.vram catalog name, or 'tiny' (tiny:llama)")
     p.add_argument('--variant', default='baseline', choices=list(VARIANTS))
-    p.add_argument('--variants', default=','.join(VARIANTS), help='for all: comma-separated, run in this order')
+    p.add_argument('--variants', default=','.join(list(VARIANTS)[:7]), help='for all: comma-separated, run in this order; '
+                   f'ours: {", ".join(VARIANTS)}; peers (anchors.py, same checkpoint: set CKPT and BENCH_CKPT alike): {", ".join(PEER_METHODS)}')
     p.add_argument('--runs', default=None, help="JSON list of [batch, seq] (default [[1, 2048], [4, 2048]]; CPU: [[1, 64], [2, 64]])")
     p.add_argument('--device', default='cuda', choices=('cuda', 'cpu'))
     p.add_argument('--warm', type=int, default=None, help='warm-up steps (default 3; CPU 1)')
@@ -219,9 +238,10 @@ def main():
     if a.what == 'run': run(a.shape, a.variant, runs, a.device, warm, steps, a.ce_chunk); return
     t0 = time.time()
     common = ['--shape', a.shape, '--device', a.device]
-    def child(args, timeout):
+    def child(args, timeout, peer=False):
         t = time.time()
-        try: out = subprocess.run([sys.executable, os.path.abspath(__file__)] + args + common, capture_output=True, text=True, timeout=timeout)
+        cmd = [sys.executable] + (args if peer else [os.path.abspath(__file__)] + args + common)
+        try: out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as e:
             print(f'[{" ".join(args[:3])}] timed out after {timeout} s', file=sys.stderr, flush=True)
             partial = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or '')
@@ -239,11 +259,17 @@ def main():
     print(json.dumps(dict(matmul_rate=rate, error=err) if err else dict(matmul_rate=rate)), flush=True)
     rows = []
     for v in [s.strip() for s in a.variants.split(',') if s.strip()]:
-        if v not in VARIANTS: print(f'unknown variant {v!r}', file=sys.stderr); continue
+        if v not in VARIANTS and v not in PEER_METHODS: print(f'unknown variant {v!r}', file=sys.stderr); continue
         left = a.budget - (time.time() - t0)
         if left < 60:
             lines, err = [], f'skipped: {left:.0f} s of the {a.budget} s budget left'
             print(f'[run --variant {v}] {err}', file=sys.stderr, flush=True)
+        elif v in PEER_METHODS:
+            script = peer_script()
+            if script is None: lines, err = [], 'skipped: no anchors.py (set PEER_ANCHORS, or copy ../shared/peer/anchors.py to .peer/)'
+            else:
+                lines, _, err = child([script, v, json.dumps(runs)], int(min(a.timeout, left - 10)), peer=True)
+                lines = [dict(l, variant=l.pop('method', v)) for l in lines if 'tokens_per_s' in l]
         else:
             lines, _, err = child(['run', '--variant', v, '--runs', json.dumps(runs), '--warm', str(warm), '--steps', str(steps)]
                                   + (['--ce_chunk', str(a.ce_chunk)] if a.ce_chunk else []), int(min(a.timeout, left - 10)))
