@@ -33,7 +33,7 @@ from .train import (TrainConfig, _f, _check, _choice, _targets, arg_parser, comp
                                 default_lr, _write_atomically, find_checkpoint, checkpoints, _answers, merge_to_folder, _write_metrics,
                                 BUILTIN_DATASETS)
 from .ddp import setup, shard_batch, broadcast_params
-from .vram import get_config
+from .shapes import get_config
 
 # %% ../nbs/10_fsdp_qlora.ipynb #f5d10014
 SHARDING_STRATEGIES = ('full_shard', 'shard_grad_op', 'no_shard', 'hybrid_shard')

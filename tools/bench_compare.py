@@ -6,7 +6,7 @@
     python tools/bench_compare.py --shape tiny --device cpu                # debug run on a CPU (peaks from memory.MemoryTracker)
     python tools/bench_compare.py run --shape gemma-3-1b --method galore   # one method in this process: one JSON line
 
-A randomly initialised model of the catalog shape (`qlora_course.vram.CATALOG`; nothing is downloaded) is written once, in
+A randomly initialised model of the catalog shape (`qlora_course.shapes.CATALOG`; nothing is downloaded) is written once, in
 bf16, to $BENCH_CKPT_DIR/random-SHAPE (default /tmp, the folder tools/bench_train.py uses too). Each method is then prepared
 from it by `train.prepare_model` and trained by `core.train_steps`: batch x seq random tokens, labels = inputs (the loss on
 every token), gradient checkpointing (non-reentrant), lr 1e-5, clipping at 1.0, --warm steps and then --steps timed ones.
@@ -37,7 +37,7 @@ def checkpoint(shape, device):
     "Folder of a randomly initialised bf16 model of `shape` with the course tokenizer (written once)"
     import torch
     from transformers import AutoModelForCausalLM
-    from qlora_course.vram import get_config
+    from qlora_course.shapes import get_config
     from qlora_course.models import course_tokenizer
     path = os.path.join(os.environ.get('BENCH_CKPT_DIR', '/tmp'), f'random-{shape}')
     if os.path.exists(os.path.join(path, 'config.json')): return path
@@ -52,10 +52,10 @@ def checkpoint(shape, device):
 
 def prediction(a, gpu):
     "The calculator's peak for this run (GiB) and the phase it puts it in"
-    from qlora_course import vram
+    from qlora_course.peak import estimate
     galore = a.method == 'galore'
-    e = vram.estimate(shape_spec(a.shape), 'full' if galore else a.method, a.batch, a.seq, True, r=a.galore_rank if galore else 16,
-                      optimizer='galore' if galore else 'adamw', dtype='bf16' if gpu else 'fp32', device='cuda' if gpu else 'cpu')
+    e = estimate(shape_spec(a.shape), 'full' if galore else a.method, a.batch, a.seq, True, r=a.galore_rank if galore else 16,
+                 optimizer='galore' if galore else 'adamw', dtype='bf16' if gpu else 'fp32', device='cuda' if gpu else 'cpu')
     return e.peak / 2**30, e.phase
 
 def run(a):
@@ -134,7 +134,7 @@ def table(rows):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('what', nargs='?', default='all', choices=('all', 'run'))
-    p.add_argument('--shape', default='gemma-3-1b', help="a name in qlora_course.vram.CATALOG, or 'tiny' (a CPU debug shape)")
+    p.add_argument('--shape', default='gemma-3-1b', help="a name in qlora_course.shapes.CATALOG, or 'tiny' (a CPU debug shape)")
     p.add_argument('--method', default='qlora', choices=METHODS, help='with `run`: the method to measure')
     p.add_argument('--methods', default=','.join(METHODS), help='with `all`: comma-separated methods')
     p.add_argument('--backend', default='hf', choices=('hf', 'course'))

@@ -18,7 +18,7 @@ def folder(shape): return os.environ.get('BENCH_CKPT', f'/tmp/random-{shape}')
 def make(shape):
     import torch
     from transformers import AutoModelForCausalLM
-    from qlora_course.vram import get_config
+    from qlora_course.shapes import get_config
     from qlora_course.models import course_tokenizer
     path = folder(shape)
     if os.path.exists(f'{path}/config.json'): return path

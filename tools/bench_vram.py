@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Check `qlora_course.vram.estimate` against measured GPU memory.
+"""Check `qlora_course.peak.estimate` against measured GPU memory.
 
 For each configuration (model shape x method x batch x sequence length x gradient checkpointing) this builds a
 randomly initialised model of the real shape (no download: 4-bit models are written to a local folder and
@@ -12,14 +12,15 @@ the peak of `torch.cuda.max_memory_allocated()` with the prediction.
     python tools/bench_vram.py --grid tiny --device cpu   # smoke test on CPU (peaks from memory.MemoryTracker)
 
 Writes vram_bench.json (everything, written after each configuration) and vram_bench.md (the table) into
---out (default: $OUT, else the current folder). The runs shown in nbs/03_vram.ipynb are kept in
+--out (default: $OUT, else the current folder). The runs shown in nbs/03b_memory.ipynb are kept in
 tools/vram_results/ (h100_main.json, h100_holdout.json), which the notebook re-checks on every test run. Where a prediction misses by more than --diag percent, one
 more step runs under `memory.MemoryTracker` and the largest tensors alive at its peak are saved too.
 """
 import argparse, gc, json, os, shutil, sys, tempfile, time, warnings
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 import torch
-from qlora_course import vram, memory
+from qlora_course import memory
+from qlora_course.peak import estimate
 from qlora_course.core import env_report
 
 warnings.filterwarnings('ignore')
@@ -73,7 +74,7 @@ GRIDS = {
 def run_one(spec, device, folders, steps, diag):
     model, method, batch, seq, ckpt, opts = spec
     name = model if isinstance(model, str) else 'tiny-' + model['model_type']
-    est = vram.estimate(model, method, batch, seq, ckpt, device=device.type, **opts)
+    est = estimate(model, method, batch, seq, ckpt, device=device.type, **opts)
     if device.type == 'cuda': torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
     t = time.time()
     folder = folders.setdefault(name, tempfile.mkdtemp(prefix='vram_bench_')) if method in ('qlora', 'qdora') else None

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Check `qlora_course.vram.estimate` per GPU under DDP and FSDP2 (full shard, shard-grad-op, CPU offload).
+"""Check `qlora_course.peak.estimate` per GPU under DDP and FSDP2 (full shard, shard-grad-op, CPU offload).
 
     torchrun --nproc_per_node 2 tools/bench_vram_dist.py            # GPUs (NCCL)
     torchrun --nproc_per_node 2 tools/bench_vram_dist.py --cpu      # smoke test of the script only (gloo): CPU peaks
@@ -10,12 +10,13 @@ Each rank builds the same randomly initialised model of a real shape, wraps it (
 every decoder layer and then on the root), trains a few steps with the loop of `memory.measure` (no gradient
 clipping) and records its peak of `torch.cuda.max_memory_allocated()`. Rank 0 writes vram_bench_dist.json and
 .md into --out (default $OUT, else the current folder) with the largest peak over the ranks; the run shown
-in nbs/03_vram.ipynb is tools/vram_results/2xh200_dist.json.
+in nbs/03a_peak.ipynb is tools/vram_results/2xh200_dist.json.
 """
 import argparse, gc, json, os, sys, time, warnings
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 import torch, torch.distributed as dist
-from qlora_course import vram, memory
+from qlora_course import memory
+from qlora_course.peak import estimate
 from qlora_course.core import env_report
 warnings.filterwarnings('ignore')
 
@@ -61,8 +62,8 @@ def main():
     if a.rows: grid = [grid[int(i)] for i in a.rows.split(',')]
     for model, method, sharding, batch, seq, ckpt, offload in grid:
         name = model if isinstance(model, str) else 'tiny-llama'
-        est = vram.estimate(model, method, batch, seq, ckpt, n_gpus=world, sharding=sharding, cpu_offload=offload,
-                            device=device.type)
+        est = estimate(model, method, batch, seq, ckpt, n_gpus=world, sharding=sharding, cpu_offload=offload,
+                       device=device.type)
         try:
             m = memory.prepare_run(model, method, ckpt, device=device, seed=0)
             m = wrap(m, sharding, offload, device)

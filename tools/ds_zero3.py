@@ -14,7 +14,7 @@ import torch
 def build(shape):
     from transformers import AutoModelForCausalLM
     from qlora_course.core import set_seed
-    from qlora_course.vram import get_config
+    from qlora_course.shapes import get_config
     set_seed(0)
     with torch.device('cuda'): return AutoModelForCausalLM.from_config(get_config(shape), dtype=torch.float32)
 
@@ -55,7 +55,7 @@ def main():
     p.add_argument('--steps', type=int, default=4); p.add_argument('--which', default='both', choices=('both', 'zero3', 'fsdp2'))
     a = p.parse_args()
     torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
-    from qlora_course.vram import get_config
+    from qlora_course.shapes import get_config
     vocab = get_config(a.shape).get_text_config().vocab_size
     x = torch.randint(4, vocab, (1, a.seq), generator=torch.Generator().manual_seed(0)).cuda()
     rows = []

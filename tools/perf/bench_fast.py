@@ -57,7 +57,7 @@ def make(shape):
     except ImportError: pass
     import torch
     from transformers import AutoModelForCausalLM
-    from qlora_course.vram import get_config
+    from qlora_course.shapes import get_config
     from qlora_course.models import course_tokenizer
     with torch.device('cuda'): m = AutoModelForCausalLM.from_config(get_config(shape), dtype=torch.bfloat16)
     m.save_pretrained(path, max_shard_size='5GB'); del m; torch.cuda.empty_cache()
@@ -216,7 +216,7 @@ def peer_script():
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('what', choices=('all', 'make', 'run', 'rate'))
-    p.add_argument('--shape', default='llama-3-8b', help="a qlora_course.vram catalog name, or 'tiny' (tiny:llama)")
+    p.add_argument('--shape', default='llama-3-8b', help="a qlora_course.shapes catalog name, or 'tiny' (tiny:llama)")
     p.add_argument('--variant', default='baseline', choices=list(VARIANTS))
     p.add_argument('--variants', default=','.join(list(VARIANTS)[:7]), help='for all: comma-separated, run in this order; '
                    f'ours: {", ".join(VARIANTS)}; peers (anchors.py, same checkpoint: set CKPT and BENCH_CKPT alike): {", ".join(PEER_METHODS)}')
