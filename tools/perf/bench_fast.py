@@ -95,7 +95,8 @@ def _dequant_check(model, device):
     "On the first NF4 layer of the largest shape: the fast dequantization bit-identical to NF4Linear.dequantize? and ms of both"
     import torch
     import fastnf4 as fx
-    from qlora_course.quant import NF4Linear, same_bits
+    from qlora_course.quant import same_bits
+    from qlora_course.nf4_linear import NF4Linear
     layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
     layer = max(layers, key=lambda m: m.in_features * m.out_features)
     dt = layer.compute_dtype

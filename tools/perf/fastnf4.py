@@ -19,7 +19,8 @@ try:
 except ImportError:                                    # a CPU-only install: the reference path is used instead
     triton = tl = None
 
-from qlora_course.quant import NF4_CODE, DYNAMIC_CODE, NF4Linear
+from qlora_course.quant import NF4_CODE, DYNAMIC_CODE
+from qlora_course.nf4_linear import NF4Linear
 from qlora_course.lora import LoRALinear
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -178,7 +179,7 @@ def fast_dequantize(layer, storage, dtype):
     return w.view(layer.out_features, layer.in_features)
 
 def _fast_dequantize(self, storage, dtype):
-    "NF4Linear._dequantize, the one its matmul (`quant._NF4Matmul`) calls in forward and backward, through `fast_dequantize`"
+    "NF4Linear._dequantize, the one its matmul (`nf4_linear._NF4Matmul`) calls in forward and backward, through `fast_dequantize`"
     return fast_dequantize(self, storage, dtype)
 
 def patch_nf4linear():
