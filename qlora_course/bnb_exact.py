@@ -10,7 +10,8 @@ import copy, math
 import torch
 from torch import nn
 import torch.nn.functional as F
-from .quant import same_bits, unpack_4bit, quantize_nf4, dequantize_nf4, bnb_cpu_kernel, NF4Linear
+from .quant import same_bits, unpack_4bit, quantize_nf4, dequantize_nf4, bnb_cpu_kernel
+from .nf4_linear import NF4Linear
 
 # %% ../nbs/04b_bnb_exact.ipynb #dae0678c
 def bnb_misindexes(shape, blocksize, flags=None):

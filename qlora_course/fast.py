@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quant import NF4_CODE, DYNAMIC_CODE, NF4Linear
+from .quant import NF4_CODE, DYNAMIC_CODE
+from .nf4_linear import NF4Linear
 from .lora import LoRALinear
 from .models import decoder_layer_class
 

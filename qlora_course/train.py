@@ -21,7 +21,7 @@ from .core import (set_seed, get_device, default_dtype, train_steps, loop_state,
                                OPTIMIZER_NAMES, human_bytes, Timer, MemoryMeter, smooth)
 from .models import load_model, load_tokenizer
 from .data import (BUILTIN_DATASETS, builtin_dataset, read_instructions, tokenize_chats, pad_collate, answer_accuracy)
-from .quant import NF4Linear
+from .nf4_linear import NF4Linear
 from .lora import lora_layers, save_adapter, merge_and_unload, count_params, _swap_linear4bit
 from .dora import add_lora, load_adapter
 

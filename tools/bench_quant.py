@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """GPU check and benchmark of qlora_course.quant: NF4 bit-exactness against bitsandbytes' CUDA kernels, then
-forward+backward of NF4Linear (eager and compiled) vs bitsandbytes Linear4bit vs bf16 nn.Linear at Llama-3-8B
+forward+backward of NF4Linear (qlora_course.nf4_linear; eager and compiled) vs bitsandbytes Linear4bit vs bf16 nn.Linear at Llama-3-8B
 layer shapes with 2048 tokens (`benchmark_nf4`). Needs one CUDA GPU; the notebook's `#| cuda` cells run the same.
 
 Usage, from the repo root on a GPU machine:  python tools/bench_quant.py [--out bench.md]

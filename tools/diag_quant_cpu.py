@@ -164,7 +164,7 @@ def run_all(verbose=True):
 
 def extras():
     "8-bit CPU table, and Linear4bit vs NF4Linear; informational"
-    from qlora_course.quant import NF4Linear
+    from qlora_course.nf4_linear import NF4Linear
     torch.manual_seed(0)
     v = torch.rand(1_000_000) * 2 - 1
     q, _ = torch.ops.bitsandbytes.quantize_blockwise(torch.cat([v, torch.ones(1)]), BF.create_dynamic_map(), 1_000_001)

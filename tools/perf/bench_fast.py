@@ -103,7 +103,8 @@ def _dequant_check(model, device):
     "On the largest NF4 layer: qlora_course.fast's decoding bit-identical to NF4Linear.dequantize? and ms of both"
     import torch
     import qlora_course.fast as qf
-    from qlora_course.quant import NF4Linear, same_bits
+    from qlora_course.quant import same_bits
+    from qlora_course.nf4_linear import NF4Linear
     layer = max((m for m in model.modules() if isinstance(m, NF4Linear)), key=lambda m: m.in_features * m.out_features)
     dt, n = layer.compute_dtype, layer.in_features * layer.out_features
     packed, st = layer.quantized()
