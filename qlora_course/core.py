@@ -278,13 +278,18 @@ def _restore(loop, s):
 def train_steps(model, batches, steps, lr=1e-3, warmup=0, weight_decay=0.0, grad_clip=1.0, loss_fn=hf_loss, params=None,
                 progress=True, desc='training', accum=1, schedule='cosine', optimizer='adamw', eval_fn=None, eval_every=0,
                 before_step=None, on_step=None, resume=None, autocast_dtype=None, loss_scaling=False):
-    "Train `model` for `steps` optimizer steps of `accum` micro-batches each; returns the loss of every step (`Losses`)"
+    """Train `model` for `steps` optimizer steps of `accum` micro-batches each; returns the loss of every step (`Losses`).
+    A `loss_fn` with `includes_backward = True` (e.g. `fast.CUDAGraphStep`) runs backward itself: it is called with the
+    micro-batch's weight, `loss_fn(model, batch, weight=w)`."""
     params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
     if not params: raise ValueError('nothing to train: no parameter requires grad')
     if accum < 1: raise ValueError(f'accum (gradient accumulation steps) must be at least 1, got {accum}')
     opt = optimizer(params) if callable(optimizer) else make_optimizer(params, optimizer, lr, weight_decay)   # a name, or a factory
     sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(lr_multiplier, total=steps, warmup=warmup, schedule=schedule))
     device = model_device(model)
+    own_backward = getattr(loss_fn, 'includes_backward', False)
+    if own_backward and (loss_scaling or autocast_dtype):
+        raise ValueError('a loss_fn that runs its own backward (CUDA graphs) works in the model\'s dtype: drop loss_scaling and autocast_dtype')
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     loop = types.SimpleNamespace(model=model, optimizer=opt, scheduler=sched, step=0, losses=Losses(), steps=steps,
                                  scaler=torch.amp.GradScaler(device.type) if loss_scaling else None)
@@ -296,10 +301,10 @@ def train_steps(model, batches, steps, lr=1e-3, warmup=0, weight_decay=0.0, grad
         t0, micro = time.perf_counter(), [_to(next(it), device) for _ in range(accum)]
         total = 0.0
         for b, w in zip(micro, _weights(micro) if accum > 1 else [1]):
-            with amp: loss = loss_fn(model, b)
+            with amp: loss = loss_fn(model, b, weight=w) if own_backward else loss_fn(model, b)
             if not torch.isfinite(loss): raise FloatingPointError(f'loss is {loss.item()} at step {step}: lower lr or check the data')
             if accum > 1: loss = loss * w    # token-weighted: the step's loss is the loss of all its micro-batches as one batch
-            (loop.scaler.scale(loss) if loop.scaler else loss).backward()
+            if not own_backward: (loop.scaler.scale(loss) if loop.scaler else loss).backward()
             total += loss.item()
         if loop.scaler: loop.scaler.unscale_(opt)
         if before_step is not None: before_step(loop)     # the gradients are complete (and unscaled); nothing stepped yet

@@ -11,8 +11,10 @@ each variant in its own process, all in one call, with ratios to the plain path,
 Variants, each adding one piece to the one before: baseline (NF4Linear + LoRALinear + transformers' checkpointing + HF
 loss, torch AdamW); nf4_op (NF4 through `fast.nf4_mm`: the Triton kernel into one shared buffer); bf16_lora (the LoRA branch
 in bf16); compile (`checkpoint_layers` + `compile_layers`); fused_loss (`causal_lm_fused_loss`); fused_adamw (torch AdamW with
-fused=True; = `fast`); offload (checkpoints in CPU memory; = `fast_offload`). Peers: unsloth_gc, unsloth (its CPU offload of
-checkpoints), hf, liger. For the peers to train on the same checkpoint, set CKPT and BENCH_CKPT to the same folder.
+fused=True); skip_unused (the recomputation skips down_proj's matmul: `skip_unused_outputs`); graphs (forward and backward
+replayed as one CUDA graph: `CUDAGraphStep`; = `fast`, what `speed_up` gives). fast_offload (= offload): skip_unused with
+checkpoints in CPU memory, no graphs (`speed_up(offload=True)`). Peers: unsloth_gc, unsloth (its CPU offload of
+checkpoints), hf, liger. --decode_max and --ce_chunk set `speed_up`'s decode_max and ce_chunk for our variants. For the peers to train on the same checkpoint, set CKPT and BENCH_CKPT to the same folder.
 
 Every run as tools/bench_train.py: LoRA r=16 alpha 32 on q,k,v,o,gate,up,down, dropout 0, torch AdamW lr 1e-4 (no clipping),
 gradient checkpointing (non-reentrant), random tokens, labels = inputs, `core.train_steps`, 3 warm-up then 8 timed steps,
@@ -34,11 +36,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TARGETS = 'q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj'
 # Cumulative: each variant adds one piece of qlora_course.fast to the one before it (the plain path first)
 STEPS = [('baseline', ()), ('nf4_op', ('op',)), ('bf16_lora', ('bf16lora',)), ('compile', ('ckpt', 'compile')),
-         ('fused_loss', ('fused',)), ('fused_adamw', ('fusedadam',)), ('offload', ('offload',))]
+         ('fused_loss', ('fused',)), ('fused_adamw', ('fusedadam',)), ('skip_unused', ('skip',)), ('graphs', ('graphs',))]
 VARIANTS, _acc = {}, ()
 for _name, _add in STEPS: _acc = _acc + _add; VARIANTS[_name] = _acc
-VARIANTS['fast'] = VARIANTS['fused_adamw']                 # what speed_up(model) gives, with fused AdamW
-VARIANTS['fast_offload'] = VARIANTS['offload']
+VARIANTS['fast'] = VARIANTS['graphs']                      # what speed_up(model) gives on a GPU, with fused AdamW
+VARIANTS['fast_offload'] = VARIANTS['skip_unused'] + ('offload',)   # speed_up(model, offload=True): no CUDA graphs
+VARIANTS['offload'] = VARIANTS['fast_offload']
 PEER_METHODS = ('unsloth_gc', 'unsloth', 'hf', 'liger')  # run by ../shared/peer/anchors.py (PEER_ANCHORS names another copy)
 
 def folder(shape): return os.environ.get('BENCH_CKPT', f'/tmp/random-{shape}')
@@ -121,7 +124,7 @@ def _dequant_check(model, device):
         res['dequant_ms_new'] = round(t(fast), 3)
     return res
 
-def run(shape, variant, runs, device='cuda', warm=3, steps=8, ce_chunk=None, dtype='bf16'):
+def run(shape, variant, runs, device='cuda', warm=3, steps=8, ce_chunk=None, dtype='bf16', decode_max=None):
     import functools
     import torch
     import qlora_course.train as qt
@@ -141,9 +144,13 @@ def run(shape, variant, runs, device='cuda', warm=3, steps=8, ce_chunk=None, dty
         extra['nf4_op_layers'] = qf.use_fast_nf4(model)
         extra.update(_dequant_check(model, device))
     if 'bf16lora' in feats: extra['bf16_lora_layers'] = qf.use_bf16_lora(model)
+    if 'skip' in feats: extra['skip_unused_layers'] = qf.skip_unused_outputs(model)
+    if decode_max: qf.DECODE_MAX = decode_max; extra['decode_max'] = decode_max
+    if ce_chunk: extra['ce_chunk'] = ce_chunk
     if 'compile' in feats: extra['compiled_layers'] = qf.compile_layers(model)
     if 'ckpt' in feats: extra['own_checkpoint_layers'] = qf.checkpoint_layers(model, offload='offload' in feats)
     loss_fn = functools.partial(qf.causal_lm_fused_loss, chunk=ce_chunk) if 'fused' in feats else hf_loss
+    if 'graphs' in feats and device == 'cuda': loss_fn = qf.CUDAGraphStep(loss_fn)
     vocab = cfg.vocab_size
     cuda = device == 'cuda'
     for bs, seq in runs:
@@ -185,28 +192,30 @@ def run(shape, variant, runs, device='cuda', warm=3, steps=8, ce_chunk=None, dty
 
 # ------------------------------------------------------------------------------------------------------------------
 def table(rows, rate):
-    "Markdown: each row's rate, memory and MFU, with its ratios to the plain path, to Unsloth (plain checkpointing) and to the HF recipe at the same batch"
+    """Markdown: each row's rate, memory and MFU, with its ratios to the plain path, to Unsloth and to the HF recipe at the
+    same batch. 'vs Unsloth' compares with Unsloth's plain checkpointing, offload rows with its offload mode."""
     ok = lambda r: 'error' not in r
     by = lambda name: {(r['bs'], r['seq']): r for r in rows if r['variant'] == name and ok(r)}
-    base, uns, hf = by('baseline'), by('unsloth_gc'), by('hf')
+    base, uns_gc, uns_off, hf = by('baseline'), by('unsloth_gc'), by('unsloth'), by('hf')
     R = rate['flops_per_s'] if rate else None
     fpt = next((r['flops_per_token'] for r in rows if ok(r) and 'flops_per_token' in r), None)
     out = [f"matmul rate measured in this run: {R / 1e12:.1f} TFLOP/s ({rate['n']}^3 {rate['dtype']})" if R else 'matmul rate: not measured', '',
-           '| variant | batch x seq | tokens/s | vs plain | vs Unsloth | vs HF | peak GiB | vs Unsloth | steady peak GiB | MFU | notes |',
-           '|---|---|---|---|---|---|---|---|---|---|---|']
+           '| variant | batch x seq | tokens/s | vs plain | vs Unsloth | vs HF | peak GiB | vs Unsloth | steady peak GiB | reserved GiB | MFU | notes |',
+           '|---|---|---|---|---|---|---|---|---|---|---|---|']
     def ratio(r, ref, key):
         b = ref.get((r['bs'], r['seq']))
         return f"{r[key] / b[key]:.2f}x" if b and r.get(key) and b.get(key) else '-'
     for r in rows:
         if not ok(r):
             what = 'skipped' if r['error'].startswith('skipped') else 'failed'
-            out.append(f"| {r['variant']} | {r['bs']} x {r['seq']} | {what} | | | | | | | | {r['error'][:160]} |"); continue
+            out.append(f"| {r['variant']} | {r['bs']} x {r['seq']} | {what} | | | | | | | | | {r['error'][:160]} |"); continue
+        uns = uns_off if 'offload' in r['variant'] or r['variant'] == 'unsloth' else uns_gc   # offload against Unsloth's offload mode
         f = r.get('flops_per_token', fpt)
         mfu = f"{r['tokens_per_s'] * f / R:.1%}" if R and f else '-'
-        notes = ', '.join(f'{k}={r[k]}' for k in ('dequant_bit_identical', 'dequant_ms_old', 'dequant_ms_new') if k in r)
+        notes = ', '.join(f'{k}={r[k]}' for k in ('dequant_bit_identical', 'dequant_ms_old', 'dequant_ms_new', 'decode_max', 'ce_chunk') if k in r)
         steady = f"{r['steady_peak_gib']:.2f}" if r.get('steady_peak_gib') is not None else '-'
         out.append(f"| {r['variant']} | {r['bs']} x {r['seq']} | {r['tokens_per_s']:,} | {ratio(r, base, 'tokens_per_s')} | "
-                   f"{ratio(r, uns, 'tokens_per_s')} | {ratio(r, hf, 'tokens_per_s')} | {r['peak_gib'] if r.get('peak_gib') is not None else '-'} | {ratio(r, uns, 'peak_gib')} | {steady} | {mfu} | {notes} |")
+                   f"{ratio(r, uns, 'tokens_per_s')} | {ratio(r, hf, 'tokens_per_s')} | {r['peak_gib'] if r.get('peak_gib') is not None else '-'} | {ratio(r, uns, 'peak_gib')} | {steady} | {r.get('reserved_gib', '-')} | {mfu} | {notes} |")
     return '\n'.join(out)
 
 def peer_script():
@@ -219,13 +228,14 @@ def main():
     p.add_argument('what', choices=('all', 'make', 'run', 'rate'))
     p.add_argument('--shape', default='llama-3-8b', help="a qlora_course.shapes catalog name, or 'tiny' (tiny:llama)")
     p.add_argument('--variant', default='baseline', choices=list(VARIANTS))
-    p.add_argument('--variants', default=','.join(list(VARIANTS)[:7]), help='for all: comma-separated, run in this order; '
+    p.add_argument('--variants', default=','.join(list(VARIANTS)[:8]), help='for all: comma-separated, run in this order; '
                    f'ours: {", ".join(VARIANTS)}; peers (anchors.py, same checkpoint: set CKPT and BENCH_CKPT alike): {", ".join(PEER_METHODS)}')
     p.add_argument('--runs', default=None, help="JSON list of [batch, seq] (default [[1, 2048], [4, 2048]]; CPU: [[1, 64], [2, 64]])")
     p.add_argument('--device', default='cuda', choices=('cuda', 'cpu'))
     p.add_argument('--warm', type=int, default=None, help='warm-up steps (default 3; CPU 1)')
     p.add_argument('--steps', type=int, default=None, help='timed steps (default 8; CPU 1)')
-    p.add_argument('--ce_chunk', type=int, default=None, help='rows per chunk of the chunked loss (default: fastnf4.default_chunk)')
+    p.add_argument('--ce_chunk', type=int, default=None, help='rows per chunk of the fused loss (default: about 2**26 logits per chunk)')
+    p.add_argument('--decode_max', type=int, default=None, help='most NF4 weights decoded at a time (fast.DECODE_MAX; default: a whole weight)')
     p.add_argument('--timeout', type=int, default=240, help='for all: seconds each variant may take')
     p.add_argument('--budget', type=int, default=540, help='for all: seconds for everything; variants that would start with '
                    'less than 60 s left are skipped, so that the table is printed before a 600 s limit')
@@ -236,7 +246,7 @@ def main():
     steps = a.steps if a.steps is not None else (1 if cpu else 8)
     if a.what == 'make': print(make(a.shape)); return
     if a.what == 'rate': print(json.dumps(matmul_rate(a.device)), flush=True); return
-    if a.what == 'run': run(a.shape, a.variant, runs, a.device, warm, steps, a.ce_chunk); return
+    if a.what == 'run': run(a.shape, a.variant, runs, a.device, warm, steps, a.ce_chunk, decode_max=a.decode_max); return
     t0 = time.time()
     common = ['--shape', a.shape, '--device', a.device]
     def child(args, timeout, peer=False):
@@ -273,7 +283,8 @@ def main():
                 lines = [dict(l, variant=l.pop('method', v)) for l in lines if 'tokens_per_s' in l]
         else:
             lines, _, err = child(['run', '--variant', v, '--runs', json.dumps(runs), '--warm', str(warm), '--steps', str(steps)]
-                                  + (['--ce_chunk', str(a.ce_chunk)] if a.ce_chunk else []), int(min(a.timeout, left - 10)))
+                                  + (['--ce_chunk', str(a.ce_chunk)] if a.ce_chunk else []) + (['--decode_max', str(a.decode_max)] if a.decode_max else []),
+                                  int(min(a.timeout, left - 10)))
         done = {(l['bs'], l['seq']) for l in lines}
         for l in lines: print(json.dumps(l), flush=True)
         rows += lines
