@@ -456,11 +456,11 @@ class CUDAGraphStep:
     """A `core.train_steps` loss function that runs forward and backward as one CUDA graph per batch shape: captured on
     a shape's first batch (after `warmup` eager passes whose gradients are discarded), then replayed, one launch a step.
     Gradients add into fixed `.grad` tensors; a loop that sets them to None gets them back zeroed. After `max_graphs`
-    shapes, or where capture fails, a shape runs eagerly (with a warning)."""
+    shapes, a shape runs eagerly (with a warning); a capture that fails raises."""
     includes_backward = True                               # train_steps: this loss function runs backward itself
 
-    def __init__(self, loss_fn, warmup=2, max_graphs=4):
-        self.loss_fn, self.warmup, self.max_graphs = loss_fn, warmup, max_graphs
+    def __init__(self, loss_fn, warmup=2, max_graphs=4, capture_error_mode='thread_local'):
+        self.loss_fn, self.warmup, self.max_graphs, self.mode = loss_fn, warmup, max_graphs, capture_error_mode
         self.graphs, self.pool, self.grads = {}, None, None
 
     def _key(self, batch):
@@ -491,7 +491,7 @@ class CUDAGraphStep:
         weight = torch.ones((), device=params[0].device)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode=self.mode):   # backward runs in autograd's own thread
                 loss = self.loss_fn(model, static)
                 (loss * weight).backward()                # adds into self.grads, in place
         finally:                                           # the warm-up's gradients are dropped (capture itself ran nothing)
@@ -512,9 +512,8 @@ class CUDAGraphStep:
                 self.graphs[key] = None
             else:
                 try: self.graphs[key] = self._capture(model, batch, params)
-                except RuntimeError as e:                  # e.g. an op that synchronizes with the CPU inside the model
-                    warnings.warn(f'CUDA graph capture failed, this shape runs without one: {type(e).__name__}: {str(e)[:300]}')
-                    self.graphs[key] = None
+                except RuntimeError as e:                  # e.g. an op that synchronizes with the CPU: CUDA's state is not to be trusted now
+                    raise RuntimeError(f'CUDA graph capture failed; train with speed_up(model, graphs=False). The cause: {e}') from e
         g = self.graphs[key]
         if g is None: return self._eager(model, batch, weight)
         static, w, loss, graph = g
