@@ -461,7 +461,7 @@ class CUDAGraphStep:
 
     def __init__(self, loss_fn, warmup=2, max_graphs=4, capture_error_mode='thread_local'):
         self.loss_fn, self.warmup, self.max_graphs, self.mode = loss_fn, warmup, max_graphs, capture_error_mode
-        self.graphs, self.pool, self.grads = {}, None, None
+        self.graphs, self.pool, self.grads, self.stream = {}, None, None, None
 
     def _key(self, batch):
         return tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(batch.items()) if torch.is_tensor(v))
@@ -483,7 +483,7 @@ class CUDAGraphStep:
     def _capture(self, model, batch, params):
         static = {k: v.clone() for k, v in batch.items() if torch.is_tensor(v)}
         saved = [g.to('cpu') for g in self.grads]          # what this step had accumulated before this batch (kept off the GPU)
-        side = torch.cuda.Stream()
+        side = self.stream = self.stream or torch.cuda.Stream()          # warm-up and capture on one side stream
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):                      # compile, autotune and allocate before capture
             for _ in range(self.warmup): self.loss_fn(model, static).backward()
@@ -491,7 +491,7 @@ class CUDAGraphStep:
         weight = torch.ones((), device=params[0].device)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode=self.mode):   # backward runs in autograd's own thread
+            with torch.cuda.graph(graph, pool=self.pool, stream=side, capture_error_mode=self.mode):   # backward runs in autograd's thread
                 loss = self.loss_fn(model, static)
                 (loss * weight).backward()                # adds into self.grads, in place
         finally:                                           # the warm-up's gradients are dropped (capture itself ran nothing)

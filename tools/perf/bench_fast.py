@@ -42,6 +42,7 @@ for _name, _add in STEPS: _acc = _acc + _add; VARIANTS[_name] = _acc
 VARIANTS['fast'] = VARIANTS['graphs']                      # what speed_up(model) gives on a GPU, with fused AdamW
 VARIANTS['fast_offload'] = VARIANTS['skip_unused'] + ('offload',)   # speed_up(model, offload=True): no CUDA graphs
 VARIANTS['offload'] = VARIANTS['fast_offload']
+VARIANTS['graphs_nocompile'] = tuple(f for f in VARIANTS['graphs'] if f != 'compile')   # CUDA graphs over uncompiled layers
 PEER_METHODS = ('unsloth_gc', 'unsloth', 'hf', 'liger')  # run by ../shared/peer/anchors.py (PEER_ANCHORS names another copy)
 
 def folder(shape): return os.environ.get('BENCH_CKPT', f'/tmp/random-{shape}')
