@@ -13,7 +13,7 @@ import hashlib, json, os, random, warnings
 from collections import Counter
 from pathlib import Path
 import torch
-from .models import world_facts, fact_questions, QUESTIONS
+from .world import world_facts, fact_questions, QUESTIONS
 from .core import display_path
 
 # %% ../nbs/02_data.ipynb #ccbac3a4

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from .core import set_seed, train_steps, loop_state, make_optimizer, human_bytes, Timer, peak_rss, reset_peak_rss, hf_loss, n_targets
 from .models import layer_classes, load_tokenizer, course_tokenizer, tiny_base_dir
-from .quant import quantize_nf4
+from .nf4 import quantize_nf4
 from .nf4_linear import NF4Linear
 from .lora import LoRALinear, lora_config, load_lora_state_dict, PEFT_PREFIX
 from .dora import add_lora

@@ -16,7 +16,8 @@ from torch import nn
 from safetensors.torch import load_file, save_file
 from .core import set_seed
 from .models import TINY_ARCHS, load_model, tiny_model
-from .quant import quantize_nf4, max_rel_err, rel_error
+from .quant import max_rel_err, rel_error
+from .nf4 import quantize_nf4
 from .nf4_linear import NF4Linear
 
 # %% ../nbs/05_lora.ipynb #da5b192e

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""GPU check and benchmark of qlora_course.quant: NF4 bit-exactness against bitsandbytes' CUDA kernels, then
+"""GPU check and benchmark of qlora_course.nf4: NF4 bit-exactness against bitsandbytes' CUDA kernels, then
 forward+backward of NF4Linear (qlora_course.nf4_linear; eager and compiled) vs bitsandbytes Linear4bit vs bf16 nn.Linear at Llama-3-8B
 layer shapes with 2048 tokens (`benchmark_nf4`). Needs one CUDA GPU; the notebook's `#| cuda` cells run the same.
 
@@ -8,7 +8,7 @@ Usage, from the repo root on a GPU machine:  python tools/bench_quant.py [--out 
 import argparse, traceback
 import torch
 from qlora_course.core import env_markdown
-from qlora_course.quant import FLOAT_DTYPES
+from qlora_course.nf4 import FLOAT_DTYPES
 from qlora_course.bnb_exact import compare_with_bnb, benchmark_nf4, benchmark_markdown
 
 def exactness():

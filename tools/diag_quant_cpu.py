@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Where NF4 on the CPU differs from bitsandbytes (0.50.x), kernel by kernel: runs bitsandbytes' CPU quantize_4bit /
-dequantize_4bit and qlora_course.quant on the CPU cases of nbs/04b_bnb_exact.ipynb (fp32/fp16/bf16, block sizes 32/64/128,
+dequantize_4bit and qlora_course.nf4 on the CPU cases of nbs/04c_bnb_exact.ipynb (fp32/fp16/bf16, block sizes 32/64/128,
 double quantization on/off, the same tensors) plus a few more, and prints per case whether the packed codes, absmax
 (or its 8-bit codes), absmax2, offset and the dequantized tensor are bit-identical: a grid with one symbol per case,
 then the details (counts of differing elements, examples) of the cases where anything differs: the first 8 on
@@ -21,8 +21,9 @@ import logging, os, subprocess, sys, time, traceback
 import torch
 logging.getLogger('torch._dynamo').setLevel(logging.ERROR)        # bitsandbytes' compiled fallback recompiles per shape
 import bitsandbytes as bnb, bitsandbytes.functional as BF
-from qlora_course.quant import (FLOAT_DTYPES, NF4_CODE, DYNAMIC_CODE, same_bits, unpack_4bit, quantize_nf4, dequantize_nf4,
-                                lut_code, cpu_flags, bnb_cpu_kernel, bnb_flushes_subnormals, _pairs, _cast)
+from qlora_course.quant import NF4_CODE, DYNAMIC_CODE, same_bits, unpack_4bit
+from qlora_course.nf4 import (FLOAT_DTYPES, quantize_nf4, dequantize_nf4, lut_code, cpu_flags, bnb_cpu_kernel, bnb_flushes_subnormals,
+                              _pairs, _cast)
 from qlora_course.bnb_exact import compare_with_bnb, bnb_misindexes
 
 def bnb_avx512_dequantize(packed, stats, shape, dtype=torch.float32, code=None):

@@ -7,7 +7,7 @@ PTX `rcp.approx.ftz.f32` (what the kernels' MUFU.RCP is), `rcp.approx.f32` and `
 with `rcp.approx.ftz.f32` as a cross-check). Thresholds for the NF4 codes: float32 midpoints of the NF4 values, or
 the kernel's literal constants (`nf4_cuda_bounds`). Rounding of the nested 8-bit codes: nearest with ties to the
 lower index, to the even index, or a transcription of the kernel's binary search. Then `compare_with_bnb` over many
-cases checks the implementation in qlora_course.quant as a whole, and both quantizers are timed.
+cases checks the implementation in qlora_course.nf4 as a whole, and both quantizers are timed.
 
 Usage, from the repo root on a GPU machine:  python tools/diag_quant_gpu.py [--out diag.md]
 """
@@ -15,8 +15,8 @@ import argparse, struct, time
 import torch, triton, triton.language as tl
 import bitsandbytes as bnb, bitsandbytes.functional as BF
 from qlora_course.core import set_seed
-from qlora_course.quant import (FLOAT_DTYPES, NF4_CODE, DYNAMIC_CODE, blocks_of, unpack_4bit, nearest_code, nf4_cuda_bounds,
-                                cuda_reciprocal, quantize_nf4)
+from qlora_course.quant import NF4_CODE, DYNAMIC_CODE, blocks_of, unpack_4bit, nearest_code
+from qlora_course.nf4 import FLOAT_DTYPES, nf4_cuda_bounds, cuda_reciprocal, quantize_nf4
 from qlora_course.bnb_exact import compare_with_bnb
 
 @triton.jit

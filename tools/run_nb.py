@@ -3,7 +3,7 @@
 
 Cells carrying one of settings.ini's test flags (`notest cuda multigpu slow`) are skipped and keep the
 outputs they already have, unless the flag is named in --flags: on a GPU machine,
-`python tools/run_nb.py nbs/04b_bnb_exact.ipynb --flags "cuda"` refreshes the GPU cells' outputs too.
+`python tools/run_nb.py nbs/04c_bnb_exact.ipynb --flags "cuda"` refreshes the GPU cells' outputs too.
 Progress bars are turned off (TQDM_DISABLE=1) so no bar ends up in a notebook. Each written notebook is
 then cleaned with nbdev_clean. Stops at the first failing cell and leaves that notebook unchanged.
 
