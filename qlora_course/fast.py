@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['DECODE_MAX', 'RESIDUAL_LAST', 'CE_CHUNK_LOGITS', 'nf4_dequant_triton', 'nf4_dequant_reference', 'nf4_dequant',
            'shared_buffer', 'row_chunks', 'nf4_mm', 'nf4_mm_unused', 'FastNF4Linear', 'swap_class', 'use_fast_nf4',
-           'LoRALinearBF16', 'use_bf16_lora', 'decoder_layers', 'checkpoint_layers', 'FastNF4LinearLast',
-           'skip_unused_outputs', 'compile_layers', 'FusedLMLoss', 'fused_lm_loss', 'causal_lm_fused_loss',
-           'random_ops', 'CUDAGraphStep', 'speed_up']
+           'LoRALinearBF16', 'use_bf16_lora', 'checkpoint_layers', 'FastNF4LinearLast', 'skip_unused_outputs',
+           'compile_layers', 'FusedLMLoss', 'fused_lm_loss', 'causal_lm_fused_loss', 'random_ops', 'CUDAGraphStep',
+           'speed_up']
 
 # %% ../nbs/12_fast.ipynb #59951741
 import contextlib, functools, os, warnings
@@ -19,7 +19,7 @@ from torch import nn
 from .quant import NF4_CODE, DYNAMIC_CODE
 from .nf4_linear import NF4Linear
 from .lora import LoRALinear
-from .models import decoder_layer_class
+from .models import decoder_layers
 
 try:
     import triton, triton.language as tl
@@ -333,11 +333,6 @@ def _hidden(out):
         if any(o is not None for o in out[1:]): raise NotImplementedError('checkpoint_layers: the decoder layer returns more than its hidden states')
         return out[0]
     return out
-
-def decoder_layers(model):
-    "The repeated decoder layers of `model`, in order"
-    cls = decoder_layer_class(model)
-    return [m for m in model.modules() if isinstance(m, cls)]
 
 def checkpoint_layers(model, offload=False):
     """Recompute each decoder layer in backward, keeping only its input: on the GPU, or with `offload` in pinned CPU

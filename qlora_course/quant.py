@@ -139,14 +139,3 @@ def dynamic_code():
     return torch.tensor(sorted(vals), dtype=torch.float32)
 
 DYNAMIC_CODE = dynamic_code()
-
-# %% ../nbs/04_quant.ipynb #a06175a7
-# Moved to `nf4` (04a_nf4) when quant was split in two; still importable from here, for code written before the split
-_MOVED_TO_NF4 = ('quantize_nf4', 'dequantize_nf4', 'bnb_flushes_subnormals')
-
-def __getattr__(name):
-    "The names that moved to `qlora_course.nf4`, looked up there when first asked for"
-    if name in _MOVED_TO_NF4:
-        from qlora_course import nf4
-        return getattr(nf4, name)
-    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

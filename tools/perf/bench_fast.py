@@ -12,8 +12,8 @@ Variants, each adding one piece to the one before: baseline (NF4Linear + LoRALin
 loss, torch AdamW); nf4_op (NF4 through `fast.nf4_mm`: the Triton kernel into one shared buffer); bf16_lora (the LoRA branch
 in bf16); compile (`checkpoint_layers` + `compile_layers`); fused_loss (`causal_lm_fused_loss`); fused_adamw (torch AdamW with
 fused=True); skip_unused (the recomputation skips down_proj's matmul: `skip_unused_outputs`); graphs (forward and backward
-replayed as one CUDA graph: `CUDAGraphStep`; = `fast`, what `speed_up` gives). fast_offload (= offload): skip_unused with
-checkpoints in CPU memory, no graphs (`speed_up(offload=True)`). Peers: unsloth_gc, unsloth (its CPU offload of
+replayed as one CUDA graph: `CUDAGraphStep`); offload (skip_unused with checkpoints in CPU memory). fast: `speed_up(model)`
+itself (all of the above with its defaults); fast_offload: `speed_up(model, offload=True)`. Peers: unsloth_gc, unsloth (its CPU offload of
 checkpoints), hf, liger. --decode_max and --ce_chunk set `speed_up`'s decode_max and ce_chunk for our variants. For the peers to train on the same checkpoint, set CKPT and BENCH_CKPT to the same folder.
 
 Every run as tools/bench_train.py: LoRA r=16 alpha 32 on q,k,v,o,gate,up,down, dropout 0, torch AdamW lr 1e-4 (no clipping),
@@ -39,9 +39,9 @@ STEPS = [('baseline', ()), ('nf4_op', ('op',)), ('bf16_lora', ('bf16lora',)), ('
          ('fused_loss', ('fused',)), ('fused_adamw', ('fusedadam',)), ('skip_unused', ('skip',)), ('graphs', ('graphs',))]
 VARIANTS, _acc = {}, ()
 for _name, _add in STEPS: _acc = _acc + _add; VARIANTS[_name] = _acc
-VARIANTS['fast'] = VARIANTS['graphs']                      # what speed_up(model) gives on a GPU, with fused AdamW
-VARIANTS['fast_offload'] = VARIANTS['skip_unused'] + ('offload',)   # speed_up(model, offload=True): no CUDA graphs
-VARIANTS['offload'] = VARIANTS['fast_offload']
+VARIANTS['fast'] = ('speed_up', 'fusedadam')              # exactly what speed_up(model) gives, with fused AdamW
+VARIANTS['fast_offload'] = ('speed_up', 'offload', 'fusedadam')   # speed_up(model, offload=True): no CUDA graphs
+VARIANTS['offload'] = VARIANTS['skip_unused'] + ('offload',)
 VARIANTS['graphs_nocompile'] = tuple(f for f in VARIANTS['graphs'] if f != 'compile')   # CUDA graphs over uncompiled layers
 PEER_METHODS = ('unsloth_gc', 'unsloth', 'hf', 'liger')  # run by ../shared/peer/anchors.py (PEER_ANCHORS names another copy)
 
@@ -141,6 +141,10 @@ def run(shape, variant, runs, device='cuda', warm=3, steps=8, ce_chunk=None, dty
     cfg = model.config.get_text_config()
     extra = dict(model_dtype=str(model.get_output_embeddings().weight.dtype).replace('torch.', ''))
     import qlora_course.fast as qf
+    if 'speed_up' in feats:
+        extra['speed_up'] = f"offload={'offload' in feats}"
+        loss_fn = qf.speed_up(model, offload='offload' in feats, decode_max=decode_max, ce_chunk=ce_chunk)
+        extra.update(_dequant_check(model, device))
     if 'op' in feats:
         extra['nf4_op_layers'] = qf.use_fast_nf4(model)
         extra.update(_dequant_check(model, device))
@@ -150,8 +154,9 @@ def run(shape, variant, runs, device='cuda', warm=3, steps=8, ce_chunk=None, dty
     if ce_chunk: extra['ce_chunk'] = ce_chunk
     if 'compile' in feats: extra['compiled_layers'] = qf.compile_layers(model)
     if 'ckpt' in feats: extra['own_checkpoint_layers'] = qf.checkpoint_layers(model, offload='offload' in feats)
-    loss_fn = functools.partial(qf.causal_lm_fused_loss, chunk=ce_chunk) if 'fused' in feats else hf_loss
-    if 'graphs' in feats and device == 'cuda': loss_fn = qf.CUDAGraphStep(loss_fn)
+    if 'speed_up' not in feats:
+        loss_fn = functools.partial(qf.causal_lm_fused_loss, chunk=ce_chunk) if 'fused' in feats else hf_loss
+        if 'graphs' in feats and device == 'cuda': loss_fn = qf.CUDAGraphStep(loss_fn)
     vocab = cfg.vocab_size
     cuda = device == 'cuda'
     for bs, seq in runs:
@@ -237,7 +242,7 @@ def main():
     p.add_argument('--steps', type=int, default=None, help='timed steps (default 8; CPU 1)')
     p.add_argument('--ce_chunk', type=int, default=None, help='rows per chunk of the fused loss (default: about 2**26 logits per chunk)')
     p.add_argument('--decode_max', type=int, default=None, help='most NF4 weights decoded at a time (fast.DECODE_MAX; default: a whole weight)')
-    p.add_argument('--timeout', type=int, default=240, help='for all: seconds each variant may take')
+    p.add_argument('--timeout', type=int, default=240, help='for all: seconds each of our runs (one process per batch x seq) or each peer (one process) may take')
     p.add_argument('--budget', type=int, default=540, help='for all: seconds for everything; variants that would start with '
                    'less than 60 s left are skipped, so that the table is printed before a 600 s limit')
     a = p.parse_args()
@@ -282,10 +287,17 @@ def main():
             else:
                 lines, _, err = child([script, v, json.dumps(runs)], int(min(a.timeout, left - 10)), peer=True)
                 lines = [dict(l, variant=l.pop('method', v)) for l in lines if 'tokens_per_s' in l]
-        else:
-            lines, _, err = child(['run', '--variant', v, '--runs', json.dumps(runs), '--warm', str(warm), '--steps', str(steps)]
+        else:                                                       # one process per run: nothing (a CUDA graph's pool) carries over
+            lines, errs = [], []
+            for run_ in runs:
+                left = a.budget - (time.time() - t0)
+                if left < 40: errs.append(f'skipped: {left:.0f} s of the {a.budget} s budget left'); continue
+                got, _, e = child(['run', '--variant', v, '--runs', json.dumps([run_]), '--warm', str(warm), '--steps', str(steps)]
                                   + (['--ce_chunk', str(a.ce_chunk)] if a.ce_chunk else []) + (['--decode_max', str(a.decode_max)] if a.decode_max else []),
                                   int(min(a.timeout, left - 10)))
+                lines += got
+                if e: errs.append(e)
+            err = '; '.join(errs) or None
         done = {(l['bs'], l['seq']) for l in lines}
         for l in lines: print(json.dumps(l), flush=True)
         rows += lines

@@ -18,7 +18,8 @@ import argparse, copy, sys
 import torch
 import qlora_course.fast as qf
 from qlora_course.core import set_seed
-from qlora_course.quant import quantize_nf4, dequantize_nf4, same_bits
+from qlora_course.quant import same_bits
+from qlora_course.nf4 import quantize_nf4, dequantize_nf4
 from qlora_course.lora import LoRALinear
 from qlora_course.train import prepare_model
 
@@ -104,7 +105,8 @@ def graph_checks(dev):
     _, g1 = graphed(xs[0])
     graph_fn(m, {'input_ids': xs[0], 'labels': xs[0]})         # no zeroing: adds to the same gradients
     g2 = grads()
-    check('two replays without zeroing accumulate (= 2x one replay)', diff(g2, {n: 2 * v for n, v in g1.items()}) <= 1e-6)
+    acc = diff(g2, {n: 2 * v for n, v in g1.items()})    # not exact: attention's backward adds with atomics, in bf16
+    check('two replays without zeroing accumulate (= 2x one replay)', acc <= 1e-2, f'worst rel. difference {acc:.1e} (tolerance 1e-2; overwriting instead would give 0.5)')
     # negative controls: a graph that never copies the new batch in replays the old one; a replaced .grad is refused
     stale = qf.CUDAGraphStep(eager_fn); graphed(xs[0], stale)
     for key, g in stale.graphs.items():

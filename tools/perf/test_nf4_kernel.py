@@ -10,7 +10,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import qlora_course.fast as fx
-from qlora_course.quant import quantize_nf4, dequantize_nf4, same_bits, rel_error, bnb_flushes_subnormals
+from qlora_course.quant import same_bits, rel_error
+from qlora_course.nf4 import quantize_nf4, dequantize_nf4, bnb_flushes_subnormals
 from qlora_course.nf4_linear import NF4Linear
 from qlora_course.lora import LoRALinear
 

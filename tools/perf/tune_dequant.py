@@ -2,7 +2,8 @@
 bytes per program x warps; GB/s counts the packed bytes read plus the bf16 weights written. Bit-identity checked each time."""
 import itertools, torch, triton
 import qlora_course.fast as fx
-from qlora_course.quant import quantize_nf4, dequantize_nf4, same_bits
+from qlora_course.quant import same_bits
+from qlora_course.nf4 import quantize_nf4, dequantize_nf4
 w = torch.randn(14336, 4096, device='cuda', dtype=torch.bfloat16)
 packed, st = quantize_nf4(w)
 ref = dequantize_nf4(packed, st, w.shape, torch.bfloat16)
