@@ -192,7 +192,9 @@ def setup_ours(a, cuda):
     set_seed(0)
     model, _ = qt.prepare_model(src, 'qlora', 'course', lora_rank=16, lora_alpha=32, lora_target_modules=TARGETS.split(','),
                                 use_gradient_checkpointing=True, device=a.device)
-    kw = {**(json.loads(a.speed_up_kw) if a.speed_up_kw else {}), 'offload': a.side == 'ours_offload'}
+    # graphs=False: CUDAGraphStep runs batches over its max_tokens (4096) eagerly anyway, and the plain loss function takes
+    # the fixed loss chunk below
+    kw = {'graphs': False, **(json.loads(a.speed_up_kw) if a.speed_up_kw else {}), 'offload': a.side == 'ours_offload'}
     loss_fn = qf.speed_up(model, **kw)
     chunk = None
     if a.loss_chunk and 'chunk' in inspect.signature(loss_fn).parameters:
@@ -271,7 +273,7 @@ def run_side(a):
             loss = loss_fn(model, {'input_ids': x, 'labels': x})
             if emulate and L > emulate:                  # CPU dry run: an OOM with the forward's graph alive
                 raise getattr(torch, 'OutOfMemoryError', torch.cuda.OutOfMemoryError)(f'emulated: {L} > --emulate-oom-above {emulate}')
-            loss.backward()
+            if not getattr(loss_fn, 'includes_backward', False): loss.backward()   # a CUDAGraphStep ran it already
             opt.step(); opt.zero_grad(set_to_none=True)
             loss_v = float(loss.detach())
             if cuda: torch.cuda.synchronize()
