@@ -7,7 +7,7 @@ __all__ = ['DECODE_MAX', 'RESIDUAL_LAST', 'CE_CHUNK_LOGITS', 'nf4_dequant_triton
            'shared_buffer', 'row_chunks', 'nf4_mm', 'nf4_mm_unused', 'FastNF4Linear', 'swap_class', 'use_fast_nf4',
            'LoRALinearBF16', 'use_bf16_lora', 'checkpoint_layers', 'FastNF4LinearLast', 'skip_unused_outputs',
            'compile_layers', 'FusedLMLoss', 'fused_lm_loss', 'causal_lm_fused_loss', 'random_ops', 'CUDAGraphStep',
-           'speed_up']
+           'speed_up', 'slow_down']
 
 # %% ../nbs/12_fast.ipynb #59951741
 import contextlib, functools, os, warnings
@@ -345,7 +345,8 @@ def checkpoint_layers(model, offload=False):
     layers = decoder_layers(model)
     for i, layer in enumerate(layers):
         def forward(x, *args, _inner=layer.forward, _layer=layer, _i=i, **kw):
-            if not (torch.is_grad_enabled() and _layer.training): return _inner(x, *args, **kw)
+            if not (torch.is_grad_enabled() and _layer.training):       # evaluation, generation: shapes vary, so uncompiled
+                return getattr(_layer, '_uncompiled_forward', _inner)(x, *args, **kw)
             tuple_out = []
             inner = getattr(_layer, '_uncompiled_forward', _inner) if _GRAPH_MODE else _inner
             def run(h):
@@ -557,3 +558,11 @@ def speed_up(model, offload=False, compile=True, nf4=True, bf16_lora=True, skip_
     loss_fn = causal_lm_fused_loss if ce_chunk is None else functools.partial(causal_lm_fused_loss, chunk=ce_chunk)
     if graphs is None: graphs = next(model.parameters()).is_cuda and not offload and not random_ops(model)
     return CUDAGraphStep(loss_fn) if graphs else loss_fn
+
+# %% ../nbs/12_fast.ipynb #e5c0de02
+def slow_down(model):
+    "Undo `speed_up` (in place): plain NF4Linear and LoRALinear classes, each decoder layer's own forward; returns the model"
+    swap_class(model, FastNF4LinearLast, NF4Linear); swap_class(model, FastNF4Linear, NF4Linear); swap_class(model, LoRALinearBF16, LoRALinear)
+    for layer in decoder_layers(model):
+        for k in ('forward', '_uncompiled_forward'): layer.__dict__.pop(k, None)
+    return model

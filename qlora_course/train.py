@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from safetensors.torch import load_file, save_file
 from .core import (set_seed, get_device, default_dtype, train_steps, loop_state, model_device, SCHEDULES,
-                               OPTIMIZER_NAMES, human_bytes, Timer, MemoryMeter, smooth)
+                               OPTIMIZER_NAMES, human_bytes, Timer, MemoryMeter, smooth, hf_loss)
 from .models import load_model, load_tokenizer
 from .data import (BUILTIN_DATASETS, builtin_dataset, read_instructions, tokenize_chats, pad_collate, answer_accuracy)
 from .nf4_linear import NF4Linear
@@ -226,6 +226,9 @@ class TrainConfig:
                                   "name suffixes such as q_proj,v_proj")
     use_gradient_checkpointing: bool = _f(False, 'recompute each decoder layer in the backward pass instead of keeping its activations')
     reentrant_checkpointing: bool = _f(False, "use torch's older reentrant checkpointing instead of the non-reentrant kind it recommends")
+    fast: str = _f('off', "12_fast's speed_up, for qlora and lora on the course backend: 'on' (Triton NF4 decoding, the LoRA branch in "
+                   "bf16, our own checkpointing of every decoder layer, compiled layers, a loss that never builds the logits), 'graphs' (also one "
+                   "CUDA graph per batch shape; a GPU, no dropout), 'off' (07's plain layers)", choices=('off', 'on', 'graphs'))
     precision: str = _f('auto', 'compute dtype: auto (bf16 on GPUs that have it, fp16 with loss scaling on older GPUs, fp32 on CPU), fp32, bf16, fp16', choices=PRECISIONS)
     device: str = _f(None, 'cpu, cuda, cuda:1, ... (default: the first GPU, else the CPU)')
     seed: int = _f(42, 'seed of the adapter initialisation, the data order and dropout')
@@ -240,7 +243,8 @@ class TrainConfig:
     progress: bool = _f(True, 'show a progress bar')
 
 # settings that may change between a checkpoint and its resumption: they do not change what is computed
-RESUMABLE_CHANGES = ('output_dir', 'resume', 'save_every', 'keep_checkpoints', 'eval_every', 'eval_samples', 'exact_match', 'merge', 'progress', 'device')
+RESUMABLE_CHANGES = ('output_dir', 'resume', 'save_every', 'keep_checkpoints', 'eval_every', 'eval_samples', 'exact_match', 'merge', 'progress', 'device',
+                     'fast')
 
 def _bool(s):
     if isinstance(s, bool): return s
@@ -353,6 +357,9 @@ def _check(cfg):
         if getattr(cfg, k) < 1: raise ValueError(f'--{k} must be at least 1, got {getattr(cfg, k)}')
     if cfg.max_steps is not None and cfg.max_steps < 1: raise ValueError(f'--max_steps must be at least 1, got {cfg.max_steps}')
     if cfg.max_steps is None and not cfg.num_epochs > 0: raise ValueError(f'--num_epochs must be positive, got {cfg.num_epochs}')
+    if cfg.fast != 'off' and (cfg.backend != 'course' or cfg.train_type not in ('qlora', 'lora')):
+        raise ValueError(f"--fast {cfg.fast} speeds up the course backend's qlora and lora (it swaps NF4Linear and LoRALinear); "
+                         f"got --backend {cfg.backend} --train_type {cfg.train_type}: use --fast off")
 
 def _targets(spec): return spec if spec == 'all-linear' or not isinstance(spec, str) else [t.strip() for t in spec.split(',') if t.strip()]
 
@@ -372,6 +379,10 @@ def train(cfg=None, on_step=None, **overrides):
                                _targets(cfg.lora_target_modules), cfg.use_gradient_checkpointing, cfg.reentrant_checkpointing,
                                cfg.precision, cfg.device)
     dtype = compute_dtype(cfg.precision, cfg.device)
+    loss_fn = hf_loss
+    if cfg.fast != 'off':                               # 12_fast: undone after training, so saving, merging and generating stay 07's
+        from qlora_course.fast import speed_up
+        loss_fn = speed_up(model, graphs=cfg.fast == 'graphs')
     train_recs, held = load_data(cfg.dataset, cfg.dataset_format, cfg.eval_fraction, cfg.dataset_samples, cfg.seed)
     examples, report = tokenize_split(tok, train_recs, cfg.context_length)
     eval_examples, _ = tokenize_split(tok, held, cfg.context_length, 'held-out')
@@ -392,7 +403,10 @@ def train(cfg=None, on_step=None, **overrides):
                              grad_clip=cfg.grad_norm, accum=accum, schedule=cfg.lr_scheduler, optimizer=cfg.optimizer,
                              eval_fn=lambda m: eval_loss(m, eval_examples, tok.pad_token_id, cfg.batch_size), eval_every=cfg.eval_every,
                              on_step=after_step, resume=state, autocast_dtype=autocast, loss_scaling=scaling, progress=cfg.progress,
-                             desc=f'{cfg.train_type} {cfg.model_name}')
+                             desc=f'{cfg.train_type} {cfg.model_name}', loss_fn=loss_fn)
+    if cfg.fast != 'off':
+        from qlora_course.fast import slow_down
+        slow_down(model)
     res.update(model=model, tokenizer=tok, losses=losses, eval_loss=losses.evals.get(steps), peak_memory=mem.peak,
                tokens_per_s=losses.tokens_per_s, adapter_dir=_write_atomically(out/'adapter', lambda d: save_trained(model, d, cfg.model_name)))
     if em: res['exact_match_after'], res['answers'] = _answers(model, tok, held, cfg.eval_samples)
