@@ -457,14 +457,18 @@ class CUDAGraphStep:
     a shape's first batch (after `warmup` eager passes whose gradients are discarded), then replayed, one launch a step.
     Gradients add into fixed `.grad` tensors; a loop that sets them to None gets them back zeroed. Batches of more than
     `max_tokens` tokens run eagerly (there the GPU, not the CPU, is the bottleneck, and compiled layers pay more); so do
-    shapes after `max_graphs` (with a warning). Inside a graph, layers run uncompiled (transformers' code compiles
-    differently while a capture is on), NF4 is decoded `decode_max` weights at a time and the loss takes chunks of about
+    shapes after `max_graphs` (with a warning). Inside a graph, layers run uncompiled: transformers builds an explicit
+    causal mask while a capture is on, which would make compiled layers compile again mid-capture. `compiled_layers=True`
+    keeps them compiled and hides the capture from transformers' mask code instead: only for batches without an
+    attention mask (packed or unpadded), where that code has nothing to check. NF4 is decoded `decode_max` weights at a time and the loss takes chunks of about
     `ce_chunk_logits` logits: smaller buffers, at no CPU cost once replayed. A capture that fails raises."""
     includes_backward = True                               # train_steps: this loss function runs backward itself
 
-    def __init__(self, loss_fn, warmup=2, max_graphs=4, max_tokens=4096, decode_max=2**24, ce_chunk_logits=2**25, capture_error_mode='thread_local'):
+    def __init__(self, loss_fn, warmup=2, max_graphs=4, max_tokens=4096, decode_max=2**24, ce_chunk_logits=2**25, compiled_layers=False,
+                 capture_error_mode='thread_local'):
         self.loss_fn, self.warmup, self.max_graphs, self.max_tokens, self.mode = loss_fn, warmup, max_graphs, max_tokens, capture_error_mode
-        self.settings = dict(_GRAPH_MODE=True, DECODE_MAX=decode_max, CE_CHUNK_LOGITS=ce_chunk_logits)
+        self.settings = dict(_GRAPH_MODE=not compiled_layers, DECODE_MAX=decode_max, CE_CHUNK_LOGITS=ce_chunk_logits)
+        self.compiled_layers = compiled_layers
         self.graphs, self.pool, self.grads, self.stream = {}, None, None, None
 
     def _key(self, batch):
@@ -492,6 +496,19 @@ class CUDAGraphStep:
         try: yield
         finally: g.update(old)
 
+    @contextlib.contextmanager
+    def _hide_capture(self, batch):
+        "With compiled_layers: transformers' mask code sees no capture, so the layers get the masks they were compiled for"
+        if not self.compiled_layers: yield; return
+        if batch.get('attention_mask') is not None:
+            raise ValueError('CUDAGraphStep(compiled_layers=True) needs batches without an attention mask (packed or unpadded)')
+        import transformers.utils.import_utils as iu
+        old = getattr(iu, 'is_cuda_stream_capturing', None)
+        if old is not None: iu.is_cuda_stream_capturing = lambda: False
+        try: yield
+        finally:
+            if old is not None: iu.is_cuda_stream_capturing = old
+
     def _capture(self, model, batch, params):
         with self._graph_settings(): return self._capture_now(model, batch, params)
 
@@ -506,8 +523,8 @@ class CUDAGraphStep:
         weight = torch.ones((), device=params[0].device)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self.pool, stream=side, capture_error_mode=self.mode):   # backward runs in autograd's thread
-                loss = self.loss_fn(model, static)
+            with torch.cuda.graph(graph, pool=self.pool, stream=side, capture_error_mode=self.mode), self._hide_capture(static):
+                loss = self.loss_fn(model, static)        # backward runs in autograd's thread: capture_error_mode thread_local
                 (loss * weight).backward()                # adds into self.grads, in place
         finally:                                           # the warm-up's gradients are dropped (capture itself ran nothing)
             for g, s in zip(self.grads, saved): g.copy_(s)

@@ -43,6 +43,7 @@ VARIANTS['fast'] = ('speed_up', 'fusedadam')              # exactly what speed_u
 VARIANTS['fast_offload'] = ('speed_up', 'offload', 'fusedadam')   # speed_up(model, offload=True): no CUDA graphs
 VARIANTS['offload'] = VARIANTS['skip_unused'] + ('offload',)
 VARIANTS['graphs_nocompile'] = tuple(f for f in VARIANTS['graphs'] if f != 'compile')   # CUDA graphs over uncompiled layers
+VARIANTS['graphs_compiled'] = VARIANTS['graphs'] + ('graphs_compiled',)   # CUDAGraphStep(compiled_layers=True, max_tokens=8192)
 PEER_METHODS = ('unsloth_gc', 'unsloth', 'hf', 'liger')  # run by ../shared/peer/anchors.py (PEER_ANCHORS names another copy)
 
 def folder(shape): return os.environ.get('BENCH_CKPT', f'/tmp/random-{shape}')
@@ -156,7 +157,8 @@ def run(shape, variant, runs, device='cuda', warm=3, steps=8, ce_chunk=None, dty
     if 'ckpt' in feats: extra['own_checkpoint_layers'] = qf.checkpoint_layers(model, offload='offload' in feats)
     if 'speed_up' not in feats:
         loss_fn = functools.partial(qf.causal_lm_fused_loss, chunk=ce_chunk) if 'fused' in feats else hf_loss
-        if 'graphs' in feats and device == 'cuda': loss_fn = qf.CUDAGraphStep(loss_fn)
+        if 'graphs' in feats and device == 'cuda':
+            loss_fn = qf.CUDAGraphStep(loss_fn, **(dict(compiled_layers=True, max_tokens=8192) if 'graphs_compiled' in feats else {}))
     vocab = cfg.vocab_size
     cuda = device == 'cuda'
     for bs, seq in runs:
