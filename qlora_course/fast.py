@@ -297,7 +297,8 @@ class _Checkpoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run, state, anchor, x):
         index, off = state
-        y = run(x)                                       # autograd records nothing inside: only x is kept
+        y = run(x.detach())                              # autograd records nothing inside: only x is kept (detached: every
+                                                         # layer's input alike, one compiled graph for all)
         ctx.run, ctx.index, ctx.off, ctx.device = run, index, off, x.device
         if x.is_cuda and torch.cuda.is_current_stream_capturing(): ctx.rng = None   # a CUDA graph: no random ops (CUDAGraphStep checks)
         else: ctx.rng = torch.get_rng_state(), (torch.cuda.get_rng_state(x.device) if x.is_cuda else None)
@@ -346,9 +347,9 @@ def checkpoint_layers(model, offload=False):
     for i, layer in enumerate(layers):
         def forward(x, *args, _inner=layer.forward, _layer=layer, _i=i, **kw):
             if not (torch.is_grad_enabled() and _layer.training):       # evaluation, generation: shapes vary, so uncompiled
-                return getattr(_layer, '_uncompiled_forward', _inner)(x, *args, **kw)
+                return _uncompiled(_layer)(x, *args, **kw)
             tuple_out = []
-            inner = getattr(_layer, '_uncompiled_forward', _inner) if _GRAPH_MODE else _inner
+            inner = _uncompiled(_layer) if _GRAPH_MODE else _inner
             def run(h):
                 out = inner(h, *args, **kw)
                 tuple_out[:] = [isinstance(out, (tuple, list))]
@@ -378,10 +379,14 @@ def skip_unused_outputs(model, model_types=RESIDUAL_LAST):
     return n
 
 # %% ../nbs/12_fast.ipynb #bd7fd07c
+def _uncompiled(layer):
+    "The layer class's own forward, bound: what `compile_layers` compiled (kept nowhere on the module, where dynamo would guard on it)"
+    return functools.partial(type(layer).forward, layer)
+
 def compile_layers(model, **kw):
     "torch.compile each decoder layer's forward; call before `checkpoint_layers`, which then checkpoints the compiled forward"
     layers = decoder_layers(model)
-    for layer in layers: layer._uncompiled_forward, layer.forward = layer.forward, torch.compile(layer.forward, **kw)
+    for layer in layers: layer.forward = torch.compile(layer.forward, **kw)
     return len(layers)
 
 # %% ../nbs/12_fast.ipynb #4c9f1583
@@ -581,5 +586,5 @@ def slow_down(model):
     "Undo `speed_up` (in place): plain NF4Linear and LoRALinear classes, each decoder layer's own forward; returns the model"
     swap_class(model, FastNF4LinearLast, NF4Linear); swap_class(model, FastNF4Linear, NF4Linear); swap_class(model, LoRALinearBF16, LoRALinear)
     for layer in decoder_layers(model):
-        for k in ('forward', '_uncompiled_forward'): layer.__dict__.pop(k, None)
+        layer.__dict__.pop('forward', None)
     return model
