@@ -122,6 +122,12 @@ class NF4Linear(nn.Module):
         qs = getattr(linear4bit.weight, 'quant_state', None)
         if qs is None: raise ValueError('this Linear4bit holds no quantized weight yet: move it to a device (.to(device)) to quantize it first')
         if qs.quant_type != 'nf4': raise ValueError(f"only NF4 converts, this layer is {qs.quant_type!r}: build it with quant_type='nf4'")
+        if getattr(qs, 'packing_format_for_cpu', False):
+            raise ValueError('this Linear4bit was repacked by bitsandbytes for its CPU kernel (quant_state.packing_format_for_cpu: done at its first '
+                             'forward in eval mode without gradients, on a CPU where bitsandbytes finds AVX512-BF16): its codes were reordered and its '
+                             'absmax statistics rounded to bf16, so its original bytes are gone (bitsandbytes\' inverse restores the codes, not the '
+                             'statistics). Convert it before such a forward (or run that forward in train mode), or quantize the dense weight '
+                             'again with NF4Linear.from_linear')
         dq = qs.nested
         if dq and (qs.state2.blocksize != 256 or not torch.equal(qs.state2.code.cpu(), DYNAMIC_CODE)):
             raise ValueError('nested statistics must use blocksize 256 and the dynamic 8-bit map, as bitsandbytes makes them')
