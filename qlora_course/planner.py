@@ -10,7 +10,7 @@ import os, re
 from dataclasses import dataclass
 from .shapes import CATALOG
 from .vram import GiB, METHODS, OPTIMIZERS
-from .peak import TERMS, Estimate, estimate
+from .peak import TERMS, ALLOCATOR_SLACK, ALLOCATOR_SLACK_RANGE, Estimate, estimate
 
 # %% ../nbs/03c_planner.ipynb #ccfefba7
 GPUS = {   # total memory as nvidia-smi reports it, in MiB (H100 and H200 read on this project's machines)
@@ -28,19 +28,31 @@ def gpu_bytes(gpu):
 
 @dataclass
 class Fit:
-    "Whether a run fits a GPU; truthy when it does"
+    "Whether a run fits a GPU; truthy when it does with the median allocator slack (`verdict` weighs the measured range)"
     estimate: Estimate; gpu: str; available: float
     @property
     def fits(self): return self.estimate.total <= self.available
     @property
     def spare(self): return self.available - self.estimate.total
+    def needs(self, slack=ALLOCATOR_SLACK):
+        "GPU memory needed per GPU if the allocator reserves `slack` (a fraction of the allocated peak) beyond that peak"
+        return self.estimate.total + self.estimate.peak * (slack - ALLOCATOR_SLACK)
+    @property
+    def verdict(self):
+        "'fits' or 'does NOT fit' where the answer holds over `ALLOCATOR_SLACK_RANGE`, else 'too close to call'"
+        least, most = (self.needs(s) <= self.available for s in ALLOCATOR_SLACK_RANGE)
+        return 'fits' if most else 'does NOT fit' if not least else 'too close to call'
     def __bool__(self): return self.fits
     def __repr__(self):
         e, u = self.estimate, self.estimate.setup
         gpus = f'{u.n_gpus} x ' if u.n_gpus > 1 else ''
-        return (f'{e.name} {u.method}, batch {u.batch} x {u.seq} tokens: needs {e.total / GiB:.1f} GiB per GPU '
-                f'({e.gib:.1f} GiB peak allocated) on {gpus}{self.gpu} ({self.available / GiB:.1f} GiB): '
-                + (f'fits, {self.spare / GiB:.1f} GiB to spare' if self.fits else 'does NOT fit'))
+        head = (f'{e.name} {u.method}, batch {u.batch} x {u.seq} tokens: needs {e.total / GiB:.1f} GiB per GPU '
+                f'({e.gib:.1f} GiB peak allocated) on {gpus}{self.gpu} ({self.available / GiB:.1f} GiB): ')
+        if self.verdict == 'too close to call':
+            (s0, s1), (n0, n1) = ALLOCATOR_SLACK_RANGE, (self.needs(s) / GiB for s in ALLOCATOR_SLACK_RANGE)
+            return head + (f'too close to call: margin {self.spare / GiB:+.2f} GiB ({self.spare / self.available:+.1%}) with the median '
+                           f'allocator slack ({ALLOCATOR_SLACK:.0%}), needs {n0:.1f} to {n1:.1f} GiB over the slack measured ({s0:.0%} to {s1:.0%})')
+        return head + (f'fits, {self.spare / GiB:.1f} GiB to spare' if self.fits else 'does NOT fit')
 
 def fits(model, gpu='H100-80GB', **options):
     "Whether fine-tuning `model` (options as for `estimate`) fits in the memory of `gpu`"
