@@ -11,7 +11,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from .quant import same_bits, unpack_4bit
-from .nf4 import quantize_nf4, dequantize_nf4, bnb_cpu_kernel
+from .bnb_rounding import bnb_cpu_kernel
+from .nf4 import quantize_nf4, dequantize_nf4
 from .nf4_linear import NF4Linear
 
 # %% ../nbs/04c_bnb_exact.ipynb #dae0678c

@@ -22,8 +22,8 @@ import torch
 logging.getLogger('torch._dynamo').setLevel(logging.ERROR)        # bitsandbytes' compiled fallback recompiles per shape
 import bitsandbytes as bnb, bitsandbytes.functional as BF
 from qlora_course.quant import NF4_CODE, DYNAMIC_CODE, same_bits, unpack_4bit
-from qlora_course.nf4 import (FLOAT_DTYPES, quantize_nf4, dequantize_nf4, lut_code, cpu_flags, bnb_cpu_kernel, bnb_flushes_subnormals,
-                              _pairs, _cast)
+from qlora_course.bnb_rounding import lut_code, cpu_flags, bnb_cpu_kernel, bnb_flushes_subnormals, _cast
+from qlora_course.nf4 import FLOAT_DTYPES, quantize_nf4, dequantize_nf4, _pairs
 from qlora_course.bnb_exact import compare_with_bnb, bnb_misindexes
 
 def bnb_avx512_dequantize(packed, stats, shape, dtype=torch.float32, code=None):

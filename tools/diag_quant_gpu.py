@@ -16,7 +16,8 @@ import torch, triton, triton.language as tl
 import bitsandbytes as bnb, bitsandbytes.functional as BF
 from qlora_course.core import set_seed
 from qlora_course.quant import NF4_CODE, DYNAMIC_CODE, blocks_of, unpack_4bit, nearest_code
-from qlora_course.nf4 import FLOAT_DTYPES, nf4_cuda_bounds, cuda_reciprocal, quantize_nf4
+from qlora_course.bnb_rounding import nf4_cuda_bounds, cuda_reciprocal
+from qlora_course.nf4 import FLOAT_DTYPES, quantize_nf4
 from qlora_course.bnb_exact import compare_with_bnb
 
 @triton.jit
