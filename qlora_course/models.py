@@ -174,11 +174,12 @@ def tiny_base_dir():
     return Path(qlora_course.__file__).parent/'assets'/'tiny_base'
 
 def course_tokenizer():
-    "The course's byte-level BPE tokenizer (shipped with the tiny base; trained again, identically, if missing)"
+    "The course's byte-level BPE tokenizer, shipped with the tiny base (01a_world's `train_course_tokenizer` makes it)"
     d = tiny_base_dir()
-    if (d/'tokenizer.json').exists(): return AutoTokenizer.from_pretrained(d)
-    from qlora_course.world import train_course_tokenizer   # world builds on this module, so it is imported only here
-    return train_course_tokenizer()
+    if not (d/'tokenizer.json').exists():
+        raise FileNotFoundError(f'the course tokenizer is missing from {d.name}/ (a package built without its data files): reinstall '
+                                'qlora_course, or make it with qlora_course.world.train_course_tokenizer()')
+    return AutoTokenizer.from_pretrained(d)
 
 def load_model(name_or_path, dtype=None, device_map=None, **kwargs):
     "Causal LM from a local folder, a hub name, `tiny:<arch>` or `tiny:base`; clear error when it cannot be found"
