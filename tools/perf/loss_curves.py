@@ -47,6 +47,8 @@ per shape ({"summary": ...}); `all` ends with a markdown table and one JSON line
 """
 import argparse, copy, gc, json, math, os, platform, subprocess, sys, time
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from streaming import stream                              # the child-process runner both tools share
 TARGETS = 'q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj'
 PATHS = ('frozen', 'plain', 'fast', 'fp32', 'plain_rerun')
 # Per-shape defaults: (batch size, sequence length, learning rate)
@@ -216,39 +218,6 @@ def stats(d):
     return dict(max=max(d), mean=sum(d) / len(d), step0=d[0], argmax=d.index(max(d)), n=len(d)) if d else None
 
 # ------------------------------------------------------------------------------------------------------------------
-def stream(cmd, timeout, env=None):
-    "Run cmd, echo its stdout lines as they come, return (its JSON lines, error or None); killed after `timeout` s"
-    import queue, threading
-    lines, err = [], None
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
-    q = queue.Queue()
-    def reader():
-        for line in proc.stdout: q.put(line)
-        q.put(None)
-    threading.Thread(target=reader, daemon=True).start()
-    deadline, t = time.time() + timeout, time.time()
-    def take(line):
-        print(line, end='', flush=True)
-        if line.startswith('{'):
-            try: lines.append(json.loads(line))
-            except json.JSONDecodeError: pass
-    while True:
-        try: line = q.get(timeout=max(0.1, deadline - time.time()))
-        except queue.Empty:
-            proc.kill(); err = f'timeout after {time.time() - t:.0f} s'
-            proc.wait()
-            while True:                                  # what it printed before it was killed
-                try: line = q.get(timeout=2)
-                except queue.Empty: break
-                if line is None: break
-                take(line)
-            break
-        if line is None: break
-        take(line)
-    rc = proc.wait()
-    if rc and not err: err = f'exit {rc}'
-    return lines, err
-
 def table(summaries):
     rows = ['| shape | bs x seq, lr | steps compared | plain first -> last compared | max abs fast-plain (mean) | max abs plain-fp32 (mean) | ratio max (mean) | '
             'within noise (max ratio <= 2) | fast-fp32 / plain-fp32 | training effect / noise |',
