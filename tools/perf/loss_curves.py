@@ -104,7 +104,8 @@ def run_shape(a):
     import torch
     import qlora_course.train as qt
     from qlora_course.core import set_seed, train_steps, hf_loss
-    from qlora_course.models import course_tokenizer, pretrain_batches
+    from qlora_course.models import course_tokenizer
+    from qlora_course.world import pretrain_batches
     t_start = time.time()
     cuda = a.device == 'cuda'
     if not cuda:                                         # prepare_model refuses bf16 on the CPU; the dry run wants the GPU's dtypes
