@@ -566,7 +566,8 @@ def speed_up(model, offload=False, compile=True, nf4=True, bf16_lora=True, skip_
     """Make a `prepare_model` model fast (in place): NF4 through `nf4_mm` (decoding at most `decode_max` weights at a time),
     the LoRA branch in the compute dtype, our checkpointing (to CPU memory with `offload`) whose recomputation skips what
     backward never reads, one compiled graph per decoder layer. Returns the loss function to train with: the fused loss
-    (`ce_chunk` rows at a time), inside a `CUDAGraphStep` when `graphs` (default: on a GPU, without offload, without dropout)."""
+    (`ce_chunk` rows at a time), inside a `CUDAGraphStep` when `graphs` (default: on a GPU, without offload, without dropout).
+    `offload` and `decode_max` set the module-wide `DECODE_MAX` (and `CE_CHUNK_LOGITS`), for every model in the process."""
     global DECODE_MAX
     if graphs and offload: raise ValueError('speed_up: CUDA graphs and offloaded checkpoints do not go together; pick one')
     if nf4: use_fast_nf4(model)
