@@ -27,7 +27,7 @@ TEST_FRACTION = 0.2
 SYSTEM_PROMPT = 'You are a helpful assistant.'
 
 def fact_split(fact):
-    "'test' for a fixed 20% of facts (by a hash of skill and subject), else 'train'"
+    "'test' where a hash of the fact's skill and subject falls below TEST_FRACTION (a fixed set, about that share of the facts), else 'train'"
     h = int(hashlib.sha256(f"{fact['skill']}|{fact['subject']}".encode()).hexdigest()[:8], 16)
     return 'test' if h / 16**8 < TEST_FRACTION else 'train'
 
@@ -144,6 +144,12 @@ def shared_data_dir():
             if (d/'shared'/'data').is_dir(): return d/'shared'/'data'
     return None
 
+def _shown(p):
+    "A file's name in messages: `shared/data/...` inside the shared data folder, else `core.display_path` (no machine's folders)"
+    d = shared_data_dir()
+    try: return str(Path('shared', 'data', Path(p).resolve().relative_to(d.resolve()))) if d else display_path(p)
+    except ValueError: return display_path(p)
+
 def _load_source(source, split):
     "Records from a path (.json list or .jsonl), a `datasets.Dataset`, a list of dicts, or a hub dataset name"
     import datasets
@@ -158,8 +164,8 @@ def _load_source(source, split):
                 if not line.strip(): continue
                 try: recs.append(json.loads(line))
                 except json.JSONDecodeError as e: raise ValueError(f'{p}: line {ln} is not valid JSON ({e.msg}); a .jsonl file holds one JSON object per line') from e
-            return recs, display_path(p)
-        return json.loads(text), display_path(p)
+            return recs, _shown(p)
+        return json.loads(text), _shown(p)
     if p.exists() or p.suffix in ('.json', '.jsonl') or str(source).startswith(('.', '/', '~')):
         raise FileNotFoundError(f'no instruction file {str(p.resolve())!r}: give an existing .json (a list of records) or .jsonl '
                                 'file, a datasets.Dataset, a list of dicts, or a Hugging Face Hub dataset name')
@@ -189,7 +195,7 @@ def shared_data_file(name):
     "Path of `name` in `shared_data_dir()`, or None (with a message saying why) when it is not there"
     d = shared_data_dir()
     if d is None or not (d/name).is_file():
-        print(f'skipped: {name} not found (looked in $QLORA_COURSE_DATA and for shared/data upward from {Path.cwd()})')
+        print(f'skipped: {name} not found (looked in $QLORA_COURSE_DATA and for shared/data upward from the working folder)')
         return None
     return d/name
 

@@ -94,6 +94,7 @@ def estimate(model='llama-3-8b', method='qlora', batch=1, seq=2048, grad_ckpt=Tr
     name = model if isinstance(model, str) else s.arch
     return Estimate(name, u, phase, terms, {k: sum(v.values()) for k, v in phases.items()}, param_counts(s), notes)
 
+# %% ../nbs/03a_peak.ipynb #8f267b5d
 def _distribute(t, u, s, phase, W, w_root, w_layer, G, root_grads):
     "Per-GPU terms of a phase under DDP (replicated) or FSDP2 (sharded over `n_gpus`, optionally offloaded to CPU)"
     t = OrderedDict(t)
