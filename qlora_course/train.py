@@ -47,14 +47,18 @@ def amp_settings(train_type, dtype):
     return (dtype if train_type == 'full' and dtype != torch.float32 else None), dtype == torch.float16
 
 # %% ../nbs/07_train.ipynb #dbbb5694
-def quantize_model(model, compute_dtype=torch.float32, blocksize=64, double_quant=True, storage_dtype=torch.uint8):
-    "Replace every nn.Linear of `model` but the output layer by an `NF4Linear` (the QLoRA base), in place"
+def quantize_model(model, compute_dtype=torch.float32, blocksize=64, double_quant=True, storage_dtype=torch.uint8, device=None):
+    """Replace every nn.Linear of `model` but the output layer by an `NF4Linear` (the QLoRA base), in place. With `device`,
+    each layer moves there just before it is quantized, then the rest of the model: a model loaded into CPU memory reaches
+    the GPU already in 4 bits, never whole in 16."""
     out = model.get_output_embeddings() if hasattr(model, 'get_output_embeddings') else None
     for name, m in list(model.named_modules()):
         if isinstance(m, nn.Linear) and m is not out:
             parent, _, child = name.rpartition('.')
+            if device is not None: m = m.to(device)
             setattr(model.get_submodule(parent), child, NF4Linear.from_linear(m, blocksize, double_quant, storage_dtype, compute_dtype))
-    return model
+            del m
+    return model if device is None else model.to(device)
 
 @torch.no_grad()
 def dequantize_model(model, dtype=None):
@@ -116,9 +120,10 @@ def prepare_model(model_name='tiny:base', train_type='qlora', backend='course', 
                                                 gradient_checkpointing_kwargs={'use_reentrant': reentrant_checkpointing})
     else:
         on_gpu = device.type == 'cuda' and not (str(model_name).startswith('tiny:') and model_name != 'tiny:base')
-        kw = dict(device_map={'': f'cuda:{device.index or 0}'}) if on_gpu else {}    # load straight onto the GPU
-        model = load_model(model_name, dtype=torch.float32 if train_type == 'full' else dtype, **kw).to(device)
-        if quantized: quantize_model(model, dtype)
+        kw = dict(device_map={'': f'cuda:{device.index or 0}'}) if on_gpu and not quantized else {}   # straight onto the GPU
+        model = load_model(model_name, dtype=torch.float32 if train_type == 'full' else dtype, **kw)
+        if quantized: quantize_model(model, dtype, device=device)    # from CPU memory, one layer at a time: 4 bits on the GPU
+        else: model.to(device)
     if train_type == 'full': model.requires_grad_(True)
     elif backend == 'hf':
         from peft import LoraConfig, get_peft_model
