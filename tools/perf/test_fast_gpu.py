@@ -127,13 +127,18 @@ def main():
     if a.device == 'cuda':
         import transformers
         print(f'{torch.cuda.get_device_name()} | torch {torch.__version__} | transformers {transformers.__version__} | triton {qf.triton.__version__}')
-    if a.kernel_only: kernel_checks(a.device)
-    if a.kernel_only or a.device == 'cuda': block0_checks(a.device)
+    def guarded(name, fn, *args, **kw):                # a check that raises is one FAIL line; the other checks still run
+        try: fn(*args, **kw)
+        except Exception as e:
+            import traceback; traceback.print_exc()
+            check(f'{name} ran to the end', False, f'{type(e).__name__}: {str(e)[:300]}')
+    if a.kernel_only: guarded('kernel checks', kernel_checks, a.device)
+    if a.kernel_only or a.device == 'cuda': guarded('block0 checks', block0_checks, a.device)
     if not a.kernel_only:
-        model_checks(a.device, False)
-        model_checks(a.device, False, graphs=False, decode_max=2**12)
-        model_checks(a.device, True)
-        graph_checks(a.device)
+        guarded('speed_up (default)', model_checks, a.device, False)
+        guarded('speed_up (row ranges, no graphs)', model_checks, a.device, False, graphs=False, decode_max=2**12)
+        guarded('speed_up (offload)', model_checks, a.device, True)
+        guarded('CUDA graph checks', graph_checks, a.device)
     print(f'{sum(results)}/{len(results)} passed')
     sys.exit(0 if all(results) else 1)
 
