@@ -33,6 +33,8 @@ counted). `mfu_peer` uses the peers' count instead (shared/peer/README.md: 6 x a
 """
 import argparse, json, os, statistics, subprocess, sys, time, traceback
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from common import peer_script                            # where ../shared/peer/anchors.py is
 TARGETS = 'q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj'
 # Cumulative: each variant adds one piece of qlora_course.fast to the one before it (the plain path first)
 STEPS = [('baseline', ()), ('nf4_op', ('op',)), ('bf16_lora', ('bf16lora',)), ('compile', ('ckpt', 'compile')),
@@ -225,11 +227,6 @@ def table(rows, rate):
         out.append(f"| {r['variant']} | {r['bs']} x {r['seq']} | {r['tokens_per_s']:,} | {ratio(r, base, 'tokens_per_s')} | "
                    f"{ratio(r, uns, 'tokens_per_s')} | {ratio(r, hf, 'tokens_per_s')} | {r['peak_gib'] if r.get('peak_gib') is not None else '-'} | {ratio(r, uns, 'peak_gib')} | {steady} | {r.get('reserved_gib', '-')} | {mfu} | {notes} |")
     return '\n'.join(out)
-
-def peer_script():
-    for p in (os.environ.get('PEER_ANCHORS'), os.path.join(os.getcwd(), '.peer', 'anchors.py'), os.path.join(os.getcwd(), '..', 'shared', 'peer', 'anchors.py')):
-        if p and os.path.exists(p): return p
-    return None
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])

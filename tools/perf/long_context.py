@@ -49,21 +49,16 @@ Time: `all` shares --budget out among the sides and kills a side 40 s after the 
 Output: JSON lines (one per trial, then {"summary": ...}); `all` adds a markdown table (side, longest ok length, its peak
 GiB, first failing length, seconds) and a device/versions line, then {"result": [...]}.
 """
-import argparse, functools, gc, inspect, json, math, os, platform, subprocess, sys, time
+import argparse, functools, gc, inspect, json, math, os, sys, time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from streaming import stream                              # the child-process runner both tools share
+from common import stream, versions, peer_script         # what the perf tools share
 TARGETS = 'q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj'
 SIDES = ('ours', 'ours_offload', 'unsloth_gc', 'unsloth')
 GiB = 2**30
 
 def emit(d): print(json.dumps(d), flush=True)
 def gib(x): return None if x is None else round(x / GiB, 2)
-
-def peer_script():
-    for p in (os.environ.get('PEER_ANCHORS'), os.path.join(os.getcwd(), '.peer', 'anchors.py'), os.path.join(os.getcwd(), '..', 'shared', 'peer', 'anchors.py')):
-        if p and os.path.exists(p): return p
-    return None
 
 def load_anchors():
     "anchors.py as a module (it imports only os, sys, json, time at the top: unsloth still comes before transformers)"
@@ -73,20 +68,6 @@ def load_anchors():
     spec = importlib.util.spec_from_file_location('peer_anchors', path)
     mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
     return mod, path
-
-def versions(device):
-    import importlib.metadata as md, torch
-    def v(p):
-        try: return md.version(p)
-        except md.PackageNotFoundError: return None
-    d = dict(torch=torch.__version__, **{p: v(p) for p in ('transformers', 'triton', 'peft', 'bitsandbytes', 'unsloth', 'unsloth_zoo')})
-    if device == 'cuda' and torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        d.update(gpu=p.name, gpu_gib=round(p.total_memory / GiB, 1), cuda=torch.version.cuda)
-    else: d.update(gpu=None, cpu=platform.processor() or platform.machine())
-    try: d['commit'] = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=HERE, capture_output=True, text=True, timeout=10).stdout.strip() or None
-    except Exception: d['commit'] = None
-    return {k: x for k, x in d.items() if x is not None}
 
 # ------------------------------------------------------------------------------------------------------------------
 class Search:

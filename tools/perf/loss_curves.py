@@ -45,10 +45,10 @@ Output: JSON lines as it goes (progress every --every steps, one line per path w
 per shape ({"summary": ...}); `all` ends with a markdown table and one JSON line {"result": ...} (also written to --out).
 --plot writes a PNG: the curves and the absolute differences per step.
 """
-import argparse, copy, gc, json, math, os, platform, subprocess, sys, time
+import argparse, copy, gc, json, math, os, sys, time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from streaming import stream                              # the child-process runner both tools share
+from common import stream, versions                      # what the perf tools share
 TARGETS = 'q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj'
 PATHS = ('frozen', 'plain', 'fast', 'fp32', 'plain_rerun')
 # Per-shape defaults: (batch size, sequence length, learning rate)
@@ -68,20 +68,6 @@ def source(shape):
     sys.path.insert(0, HERE)
     from bench_fast import make                          # the random checkpoint (BENCH_CKPT), written if missing
     return make(shape)
-
-def versions(device):
-    import importlib.metadata as md, torch
-    def v(p):
-        try: return md.version(p)
-        except md.PackageNotFoundError: return None
-    d = dict(torch=torch.__version__, transformers=v('transformers'), triton=v('triton'), peft=v('peft'), python=platform.python_version())
-    if device == 'cuda' and torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        d.update(gpu=p.name, gpu_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda)
-    else: d.update(gpu=None, cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
-    try: d['commit'] = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=HERE, capture_output=True, text=True, timeout=10).stdout.strip() or None
-    except Exception: d['commit'] = None
-    return d
 
 def to_fp32(model):
     "Compute in fp32 on the same weights: NF4Linear decodes to fp32; every other floating tensor (not the packed NF4 storage) cast up"

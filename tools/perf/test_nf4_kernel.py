@@ -3,17 +3,12 @@ On a GPU: python tools/perf/test_nf4_kernel.py
 On the CPU, in Triton's interpreter: OMP_NUM_THREADS=1 TRITON_INTERPRET=1 python tools/perf/test_nf4_kernel.py  (needs pip install triton)
 Without Triton only the PyTorch reference is checked.
 """
-import math, os, sys, time
+import os, sys, time
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import qlora_course.fast as fx
-from qlora_course.quant import same_bits, rel_error
-from qlora_course.nf4 import quantize_nf4, dequantize_nf4, bnb_flushes_subnormals
-from qlora_course.nf4_linear import NF4Linear
-from qlora_course.lora import LoRALinear
+from qlora_course.quant import same_bits
+from qlora_course.nf4 import quantize_nf4, dequantize_nf4
 
 torch.manual_seed(0)
 RESULTS = []
@@ -87,7 +82,7 @@ def main():
     dev = 'cuda' if torch.cuda.is_available() else 'cpu'
     if dev == 'cuda':
         import transformers
-        print(f'{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {fx.triton.__version__}')
+        print(f'{torch.cuda.get_device_name()} | torch {torch.__version__} | transformers {transformers.__version__} | triton {fx.triton.__version__}')
     torch.set_default_device(dev)
     test_dequant()
     bad = [n for n, ok in RESULTS if not ok]
